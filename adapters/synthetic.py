@@ -1,0 +1,109 @@
+"""Seeded random BERT / RoBERTa backbones saved as ordinary Hugging Face folders.
+
+Nothing can be downloaded in tests or CI, so tests and benchmarks build their backbones here and
+load them through the same ``from_pretrained(path)`` code as a real hub checkpoint. The tokenizer
+is a WordPiece with ``do_lower_case=False`` (as KLUE's: lower-casing would strip accents and
+NFD-decompose Hangul into jamo). RoBERTa follows klue/roberta-base: a BERT WordPiece vocabulary
+with ``[CLS]=0, [PAD]=1, [SEP]=2, [UNK]=3`` on a RoBERTa model.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+# A small vocabulary that covers English test sentences, digits and some Hangul syllables.
+_WORDS = (
+    "the a an is was this that it movie film good bad great terrible not very really fun boring "
+    "plot actor actors story love hate best worst ever i you we they and or but of to in on "
+    "for with at by from as be have has had do does did will would can could should time "
+    "영화 재미 있다 없다 정말 최고 최악 너무 좋다 싫다 배우 연기 스토리 감동 지루 하다 이 그 는 은 가 를"
+).split()
+
+
+def _vocab(special_first: list[str], size_hint: int) -> list[str]:
+    pieces = list(special_first)
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    pieces += ["##" + c for c in string.ascii_lowercase + string.digits]
+    pieces += [chr(c) for c in range(0xAC00, 0xAC00 + 64)]  # Hangul syllables
+    pieces += ["##" + chr(c) for c in range(0xAC00, 0xAC00 + 64)]
+    pieces += _WORDS
+    seen, out = set(), []
+    for p in pieces:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    while len(out) < size_hint:
+        out.append(f"[unused{len(out)}]")
+    return out
+
+
+def make_tokenizer(arch: str, size_hint: int = 512):
+    """A fast WordPiece tokenizer (BERT special-token layout for ``bert``, KLUE's for ``roberta``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    if arch == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    else:  # klue/roberta-base layout
+        specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(_vocab(specials, size_hint))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return BertTokenizerFast(
+        tokenizer_object=tok, do_lower_case=False, unk_token="[UNK]", sep_token="[SEP]",
+        pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+    )
+
+
+def make_backbone(
+    out_dir: str | Path,
+    arch: str = "roberta",
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    max_positions: int = 66,
+    vocab_size: int = 512,
+    type_vocab_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random ``arch`` (bert|roberta) encoder with an MLM head (and BERT's pooler) to ``out_dir``.
+
+    ``hidden=768, layers=12, heads=12, max_positions=514, vocab_size=32000`` gives klue/roberta-base's shape.
+    """
+    import torch
+    from transformers import BertConfig, BertForPreTraining, RobertaConfig, RobertaForMaskedLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(arch, size_hint=min(vocab_size, 512))
+    vocab_size = max(vocab_size, len(tokenizer))
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=max_positions, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config = BertConfig(pad_token_id=0, type_vocab_size=type_vocab_size or 2, **common)
+        model = BertForPreTraining(config)  # keeps the pooler in the checkpoint, like bert-base
+    elif arch == "roberta":
+        config = RobertaConfig(
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=type_vocab_size or 1, **common
+        )
+        model = RobertaForMaskedLM(config)
+    else:
+        raise ValueError(f"arch must be 'bert' or 'roberta', got {arch!r}")
+    # Random init is tiny; scale embeddings up a little so prefixes visibly move the logits.
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,49 @@
+"""`prefixserve` command line: one sub-command per job, each owned by the package that does it.
+
+Sub-command modules expose ``register(subparsers)``; they import torch/ray lazily inside their
+handlers so that ``prefixserve --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path -> registers one or more sub-commands
+_MODULES = (
+    "prefixserve.adapters.cli",        # pack, unpack, inspect, predict
+    "prefixserve.adapters.store.cli",  # store, tenant
+    "prefixserve.server.serve_cli",    # serve
+    "prefixserve.trainer.cli",         # train, pretrain, experiment
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixserve",
+        description="Multi-tenant prefix/prompt adapter server: one frozen encoder, many tenants' "
+        "adapters batched into one forward pass.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a package not written yet must not break the others
+            if exc.name and exc.name.startswith("prefixserve"):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
