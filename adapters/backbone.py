@@ -1,0 +1,132 @@
+"""The frozen shared encoder: load any BERT / RoBERTa / XLM-R from a hub id or a folder.
+
+Decisions:
+* Loaded with ``AutoModel`` in fp32, fingerprinted, then cast to the serving dtype, frozen and put
+  in eval mode on CUDA when available (else CPU).
+* RoBERTa-style checkpoints carry no pooler (their SEQ_CLS head does not use one), so they load with
+  ``add_pooling_layer=False``; BERT keeps its checkpoint pooler, which PEFT's BERT head uses.
+* The **fingerprint** hashes the model type, the shape-defining config and every tensor that came
+  from the checkpoint (names, shapes, fp32 bytes) - never freshly initialised ones, which differ at
+  every load. It is independent of the serving dtype and device. Cached beside a local checkpoint
+  (``.prefixserve-fingerprint.json``, keyed by file sizes and mtimes) because hashing ~0.5 GB
+  takes a second or two.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import BadRequestError
+from .format import BackboneSpec
+from .heads import expected_head_style
+from .virtual_tokens import max_text_tokens
+
+log = logging.getLogger(__name__)
+
+ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
+SUPPORTED = ROBERTA_LIKE | {"bert"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "vocab_size", "type_vocab_size", "pad_token_id", "layer_norm_eps",
+                "hidden_act", "position_embedding_type")
+_SIDECAR = ".prefixserve-fingerprint.json"
+MIN_TEXT_TOKENS = 8  # an adapter must leave at least this many positions for real tokens
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def spec(self) -> BackboneSpec:
+        c = self.config
+        return BackboneSpec(
+            fingerprint=self.fingerprint, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+            hidden=c.hidden_size, head_style=expected_head_style(self.model),
+            max_virtual_tokens=max_text_tokens(self.model, 0) - MIN_TEXT_TOKENS,
+        )
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_fingerprint(config, state: dict[str, torch.Tensor], from_checkpoint: set[str]) -> str:
+    """sha256 over the shape-defining config and the checkpoint's own tensors (fp32 bytes)."""
+    h = hashlib.sha256()
+    cfg = {k: getattr(config, k, None) for k in _CONFIG_KEYS}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name in sorted(from_checkpoint):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _sidecar_key(folder: Path) -> dict:
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.name != _SIDECAR)
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
+
+
+def _cached_fingerprint(folder: Path | None) -> str | None:
+    if folder is None or not (folder / _SIDECAR).is_file():
+        return None
+    try:
+        saved = json.loads((folder / _SIDECAR).read_text())
+        return saved["fingerprint"] if saved.get("files") == _sidecar_key(folder) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_fingerprint(folder: Path | None, fingerprint: str) -> None:
+    if folder is None:
+        return
+    try:
+        (folder / _SIDECAR).write_text(json.dumps({"fingerprint": fingerprint, "files": _sidecar_key(folder)}))
+    except OSError:  # read-only model cache: just recompute next time
+        pass
+
+
+def load_backbone(name_or_path: str, *, device: str = "auto", dtype: str = "float32") -> Backbone:
+    """Load, fingerprint, freeze. ``name_or_path`` is a hub id or a local folder."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise BadRequestError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type not in SUPPORTED:
+        raise BadRequestError(f"backbone {name_or_path!r} is a {config.model_type!r}; supported: {sorted(SUPPORTED)}")
+    kwargs = {"add_pooling_layer": False} if config.model_type in ROBERTA_LIKE else {}
+    model, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32, **kwargs)
+    missing = set(info.get("missing_keys", []))
+    if any(k.startswith("pooler.") for k in missing):
+        log.warning("backbone %s has no pooler weights: BERT-style heads would use a random pooler", name_or_path)
+    folder = Path(name_or_path) if os.path.isdir(name_or_path) else None
+    fingerprint = _cached_fingerprint(folder)
+    state = model.state_dict()
+    if fingerprint is None:
+        fingerprint = compute_fingerprint(config, state, set(state) - missing)
+        _save_fingerprint(folder, fingerprint)
+    dev = resolve_device(device)
+    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return Backbone(model, tokenizer, str(name_or_path), fingerprint, dev, DTYPES[dtype])

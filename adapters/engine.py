@@ -1,0 +1,192 @@
+"""Mixed-adapter batched inference: many tenants' rows, one backbone forward.
+
+Pipeline (LitServe's split, minus transport): rows -> tokenize (each row truncated to the room its
+adapter leaves) -> gather virtual tokens per row -> ONE :func:`virtual_tokens.encode` -> per-adapter
+heads on their rows -> per-row predictions. No storage, HTTP or Ray here: callers resolve adapters
+(:meth:`Engine.adapter` caches them on the device) and hand over :class:`Row` objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .backbone import Backbone
+from .cache import AdapterCache
+from .format import AdapterFile, AdapterMeta, load_packed
+from .heads import ClassificationHead
+from .virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv
+
+
+@dataclass
+class DeviceAdapter:
+    """One adapter resident on the engine's device, ready to gather into a batch."""
+
+    key: str
+    meta: AdapterMeta
+    virtual: Tensor  # prefix: (layers, 2, heads, P, head_dim); prompt: (Q, hidden)
+    head: ClassificationHead
+    nbytes: int
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    @property
+    def length(self) -> int:
+        return self.meta.num_virtual_tokens
+
+
+@dataclass
+class Row:
+    adapter: DeviceAdapter
+    text: str
+    text_pair: str | None = None
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
+    logits: list[float] = field(repr=False)
+    truncated: bool = False
+
+    def to_dict(self, with_logits: bool = False) -> dict:
+        d = {"label": self.label, "score": self.score, "scores": self.scores, "truncated": self.truncated}
+        if with_logits:
+            d["logits"] = self.logits
+        return d
+
+
+class Engine:
+    """Holds the frozen backbone and the device adapter cache.
+
+    ``max_length`` caps real tokens per row (specials included); each row is further capped by the
+    positions its adapter leaves (``max_position_embeddings - offset - P``).
+    """
+
+    def __init__(self, backbone: Backbone, *, cache_bytes: int = 2 * 2**30, max_length: int | None = None):
+        self.backbone = backbone
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.device = backbone.device
+        self.dtype = backbone.dtype
+        self.max_length = max_length or max_text_tokens(self.model, 0)
+        self.cache: AdapterCache[DeviceAdapter] = AdapterCache(cache_bytes, lambda a: a.nbytes)
+        c = self.model.config
+        self._layers, self._heads, self._hidden = c.num_hidden_layers, c.num_attention_heads, c.hidden_size
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def to_device(self, key: str, adapter: AdapterFile | bytes) -> DeviceAdapter:
+        """Validate against this backbone and materialise on the device (no caching)."""
+        if isinstance(adapter, (bytes, bytearray)):
+            adapter = load_packed(bytes(adapter), expect=self.backbone.spec)
+        else:
+            from .format import check_compatible
+
+            check_compatible(adapter.meta, self.backbone.spec)
+        virtual = adapter.virtual.to(self.device, self.dtype)  # (P, layers*2*H) or (Q, H)
+        if adapter.meta.kind == "prefix":
+            virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()  # (layers, 2, heads, P, hd)
+        head = ClassificationHead.from_tensors(adapter.head).to(self.device, self.dtype).eval()
+        head.requires_grad_(False)
+        nbytes = virtual.numel() * virtual.element_size() + sum(
+            p.numel() * p.element_size() for p in head.parameters())
+        return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)
+
+    def adapter(self, key: str, load) -> DeviceAdapter:
+        """Cached device adapter for ``key``; ``load()`` returns packed bytes or an AdapterFile on a miss."""
+        return self.cache.get(key, lambda: self.to_device(key, load()))
+
+    # ---- inference ------------------------------------------------------------------------------
+    def room(self, adapter: DeviceAdapter) -> int:
+        return min(self.max_length, max_text_tokens(self.model, adapter.length))
+
+    def _tokenize(self, rows: list[Row]):
+        """Right-padded ids (B, T) with each row truncated to its own room; truncated flags."""
+        tok = self.tokenizer
+        texts = [r.text for r in rows]
+        pairs = [r.text_pair for r in rows]
+        has_pair = any(p is not None for p in pairs)
+        args = (texts, [p or "" for p in pairs]) if has_pair else (texts,)
+        enc = tok(*args, truncation=False, add_special_tokens=True)
+        ids, types = enc["input_ids"], enc.get("token_type_ids")
+        truncated = [False] * len(rows)
+        for i, row in enumerate(rows):
+            room = self.room(row.adapter)
+            if len(ids[i]) > room:
+                one = tok(*( (texts[i], pairs[i]) if pairs[i] is not None else (texts[i],) ),
+                          truncation=True, max_length=room)
+                ids[i] = one["input_ids"]
+                if types is not None:
+                    types[i] = one.get("token_type_ids", [0] * len(ids[i]))
+                truncated[i] = True
+            elif has_pair and pairs[i] is None:  # the batch call gave this row an empty pair
+                one = tok(texts[i])
+                ids[i] = one["input_ids"]
+                if types is not None:
+                    types[i] = one.get("token_type_ids", [0] * len(ids[i]))
+        t_max = max(len(x) for x in ids)
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(rows), t_max), pad, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
+        token_types = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            attention[i, : len(x)] = 1
+            if types is not None:
+                token_types[i, : len(x)] = torch.tensor(types[i])
+        return input_ids, attention, token_types, truncated
+
+    def _virtual(self, rows: list[Row], groups: dict[str, list[int]]) -> VirtualTokens:
+        """Gather each row's prefix K/V (padded to the longest) and prompt (padded)."""
+        b, dev = len(rows), self.device
+        prefix_len = torch.tensor([r.adapter.length if r.adapter.kind == "prefix" else 0 for r in rows], device=dev)
+        prompt_len = torch.tensor([r.adapter.length if r.adapter.kind == "prompt" else 0 for r in rows], device=dev)
+        p_max, q_max = int(prefix_len.max()), int(prompt_len.max())
+        hd = self._hidden // self._heads
+        kv = torch.zeros(self._layers, 2, b, self._heads, p_max, hd, device=dev, dtype=self.dtype) if p_max else None
+        prompt = torch.zeros(b, q_max, self._hidden, device=dev, dtype=self.dtype) if q_max else None
+        for idx in groups.values():
+            a = rows[idx[0]].adapter
+            sel = torch.tensor(idx, device=dev)
+            if a.kind == "prefix":  # kv[:, :, rows, :, :P] <- (layers, 2, 1, heads, P, hd)
+                kv[:, :, sel, :, : a.length] = a.virtual.unsqueeze(2)
+            else:  # prompt[rows, :Q] <- (1, Q, H)
+                prompt[sel, : a.length] = a.virtual.unsqueeze(0)
+        return VirtualTokens(kv, prefix_len, prompt, prompt_len)
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]) -> tuple[list[Tensor], list[bool]]:
+        """Raw logits per row (each (C_row,)) and truncated flags, from ONE backbone forward."""
+        if not rows:
+            return [], []
+        input_ids, attention, token_types, truncated = self._tokenize(rows)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.adapter.key, []).append(i)
+        vt = self._virtual(rows, groups)
+        dev = self.device
+        out = encode(self.model, input_ids.to(dev), attention.to(dev), token_types.to(dev), vt)
+        hidden = out.last_hidden_state  # (B, S, H)
+        pooler = getattr(self.model, "pooler", None)
+        logits: list[Tensor | None] = [None] * len(rows)
+        for idx in groups.values():
+            head = rows[idx[0]].adapter.head
+            group_logits = head(hidden[idx], pooler).float().cpu()  # (n, C)
+            for j, i in enumerate(idx):
+                logits[i] = group_logits[j]
+        return logits, truncated
+
+    def predict(self, rows: list[Row]) -> list[Prediction]:
+        logits, truncated = self.forward(rows)
+        preds = []
+        for row, lg, tr in zip(rows, logits, truncated):
+            probs = torch.softmax(lg, dim=-1)  # (C,)
+            labels = row.adapter.meta.labels
+            best = int(torch.argmax(probs))
+            preds.append(Prediction(labels[best], float(probs[best]),
+                                    {lab: float(p) for lab, p in zip(labels, probs)}, lg.tolist(), tr))
+        return preds

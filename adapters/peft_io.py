@@ -1,0 +1,96 @@
+"""PEFT folder <-> packed file, lossless both ways.
+
+A PEFT folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json`` and
+``adapter_model.safetensors`` (``adapter_model.bin`` is refused: we never unpickle). PEFT does not
+save label names or the backbone, so ``unpack`` also writes ``prefixserve.json`` (labels,
+fingerprint) which ``pack`` reads back; PEFT ignores it.
+
+Projected prefixes (``prefix_projection=True``): PEFT saves the *materialised* K/V, so the packed
+file always holds ``prompt_embeddings`` of shape (P, layers*2*hidden) and loads in PEFT with
+``inference_mode`` like any prefix.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import BadRequestError, InvalidAdapterError
+from .format import DEFAULT_LIMITS, AdapterFile, dump_packed, load_packed
+from .heads import split_head
+
+SIDECAR = "prefixserve.json"
+
+
+def default_labels(tensors) -> list[str]:
+    head = split_head(tensors)
+    weight = head.get("out_proj.weight", head.get("weight"))
+    if weight is None:
+        raise InvalidAdapterError("adapter has no classification head (task_type must be SEQ_CLS)", code="bad_head")
+    return [f"LABEL_{i}" for i in range(weight.shape[0])]
+
+
+def pack_parts(config_json: bytes, model_bytes: bytes, *, labels: list[str] | None = None,
+               fingerprint: str | None = None) -> bytes:
+    """Pack the two files PEFT writes (as bytes, e.g. from an HTTP upload) into one adapter."""
+    if len(model_bytes) > DEFAULT_LIMITS.max_bytes:
+        raise InvalidAdapterError("adapter_model is larger than the size cap", code="adapter_too_large", status=413)
+    try:
+        config = json.loads(config_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidAdapterError(f"adapter_config.json is not valid JSON: {exc}", code="bad_config") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError("adapter_config.json must be a JSON object", code="bad_config")
+    try:
+        tensors = st_load(model_bytes)
+    except Exception as exc:
+        raise InvalidAdapterError(f"adapter_model is not a readable safetensors file: {exc}", code="bad_tensors") from None
+    if not fingerprint:
+        raise BadRequestError("a backbone fingerprint is required to pack (pass --backbone)")
+    return dump_packed(config, tensors, labels or default_labels(tensors), fingerprint)
+
+
+def pack_folder(folder: str | Path, *, labels: list[str] | None = None, fingerprint: str | None = None,
+                default_fingerprint: str | None = None) -> bytes:
+    """Pack a PEFT folder. Fingerprint: explicit, else the sidecar's, else ``default_fingerprint``."""
+    folder = Path(folder)
+    if (folder / "adapter_model.bin").exists() and not (folder / "adapter_model.safetensors").exists():
+        raise InvalidAdapterError("adapter_model.bin (pickle) is refused; save with safe_serialization=True",
+                                  code="pickle_refused")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise InvalidAdapterError(f"{folder} has no {name}", code="not_a_peft_folder")
+    side = json.loads((folder / SIDECAR).read_text()) if (folder / SIDECAR).is_file() else {}
+    return pack_parts((folder / "adapter_config.json").read_bytes(),
+                      (folder / "adapter_model.safetensors").read_bytes(),
+                      labels=labels or side.get("labels"),
+                      fingerprint=fingerprint or side.get("backbone") or default_fingerprint)
+
+
+def unpack(adapter: AdapterFile | bytes, folder: str | Path) -> Path:
+    """Write a folder that ``PeftModel.from_pretrained`` loads (plus our sidecar)."""
+    if isinstance(adapter, (bytes, bytearray)):
+        adapter = load_packed(bytes(adapter))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(adapter.peft_config, indent=2, sort_keys=True))
+    (folder / "adapter_model.safetensors").write_bytes(st_save(dict(sorted(adapter.tensors.items()))))
+    (folder / SIDECAR).write_text(json.dumps({"labels": list(adapter.meta.labels),
+                                              "backbone": adapter.meta.fingerprint}, indent=2))
+    return folder
+
+
+def read_adapter(path: str | Path, *, default_fingerprint: str | None = None) -> bytes:
+    """Packed bytes from a packed ``.safetensors`` file or a PEFT folder.
+
+    A PEFT folder without our sidecar records no backbone; ``default_fingerprint`` (the backbone in
+    use) is then assumed, as PEFT itself would assume.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return pack_folder(path, default_fingerprint=default_fingerprint)
+    if not path.is_file():
+        raise InvalidAdapterError(f"adapter {str(path)!r} does not exist", code="adapter_not_found", status=404)
+    return path.read_bytes()
