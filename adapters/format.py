@@ -261,6 +261,14 @@ def dump_packed(peft_config: dict, tensors: dict[str, Tensor], labels: list[str]
         "adapter_config": json.dumps(peft_config, sort_keys=True), "labels": json.dumps(list(labels)),
         "backbone": fingerprint,
     }
-    data = st_save(tensors, metadata=metadata)
+    data = _canonical(st_save(tensors, metadata=metadata))
     load_packed(data)  # refuse to write what we would refuse to read
     return data
+
+
+def _canonical(data: bytes) -> bytes:
+    """Re-emit the header with sorted keys: safetensors orders metadata by a (randomised) hash map."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keep the 8-byte alignment safetensors uses
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]

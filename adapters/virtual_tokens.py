@@ -112,6 +112,8 @@ def encode(
     # Positions: each row numbered as PEFT numbers it alone (after its own prefix length).
     start = position_offset(model) + vt.prefix_len.unsqueeze(1)  # (B, 1)
     position_ids = start + torch.arange(seq, device=device).unsqueeze(0)  # (B, S)
+    # Padding slots of a row with a long prefix can run past the table; they are masked, so clamp.
+    position_ids = position_ids.clamp(max=model.config.max_position_embeddings - 1)  # (B, S)
 
     cache = None
     key_mask = token_mask.bool()  # (B, S)
