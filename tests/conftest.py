@@ -6,4 +6,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
     "tests.fixtures.backbones",
+    "tests.fixtures.redis_server",
 ]

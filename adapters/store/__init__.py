@@ -1,0 +1,58 @@
+"""Adapter store: tenants, API keys and immutable, versioned adapter blobs behind one small protocol.
+
+``open_store(url)`` picks the backend:
+
+* ``file:///var/lib/prefixserve`` -- embedded default, one machine (:mod:`.file`)
+* ``redis://[:password@]host:6379/0?prefix=ps:`` or ``rediss://`` -- shared by all replicas
+  (:mod:`.redis_store`); the password may come from ``PREFIXSERVE_REDIS_PASSWORD`` instead
+* ``memory://`` -- a throwaway temporary file store, for tests and demos
+
+See :mod:`.base` for the semantics every backend keeps.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from urllib.parse import unquote, urlsplit
+
+from ..errors import BadRequestError
+from .base import (DEFAULT_KEEP_VERSIONS, AdapterStore, ChangeEvent, Quota, StoreBase, Subscription, TenantInfo,
+                   Validator, VersionedCache, VersionInfo, default_validator)
+from .ids import ID_PATTERN, check_id, check_tenant
+
+ENV_URL = "PREFIXSERVE_STORE"
+
+__all__ = ["open_store", "AdapterStore", "VersionInfo", "TenantInfo", "Quota", "ChangeEvent", "Subscription",
+           "VersionedCache", "Validator", "default_validator", "check_id", "check_tenant", "ID_PATTERN",
+           "DEFAULT_KEEP_VERSIONS", "ENV_URL", "StoreBase"]
+
+
+def open_store(url: str | None = None, *, validator: Validator | None = None, **opts) -> AdapterStore:
+    """Open the store at ``url`` (default: env ``PREFIXSERVE_STORE``).
+
+    ``validator(data) -> AdapterMeta`` runs before every put (default ``format.inspect_packed``; the
+    server passes one bound to its backbone). Options: ``keep_versions`` (3), ``pepper``; file:
+    ``poll_interval`` (0.2 s); redis: ``prefix``, ``password``, ``retries``, ``health_check_interval``.
+    """
+    url = url or os.environ.get(ENV_URL)
+    if not url:
+        raise BadRequestError(f"no store URL: pass --store or set {ENV_URL}", code="no_store")
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        from .file import FileStore
+
+        parts = urlsplit(url)
+        path = unquote(parts.netloc + parts.path) if parts.netloc not in ("", "localhost") else unquote(parts.path)
+        if not path:
+            raise BadRequestError(f"file store URL {url!r} has no path (use file:///abs/path)", code="bad_store_url")
+        return FileStore(path, validator=validator, **opts)
+    if scheme in ("redis", "rediss"):
+        from .redis_store import RedisStore
+
+        return RedisStore(url, validator=validator, **opts)
+    if scheme == "memory":
+        from .file import FileStore
+
+        return FileStore(tempfile.mkdtemp(prefix="prefixserve-store-"), validator=validator, url="memory://", **opts)
+    raise BadRequestError(f"unknown store URL scheme {scheme!r}: use file://, redis://, rediss:// or memory://",
+                          code="bad_store_url")

@@ -1,0 +1,289 @@
+"""The store contract: ``AdapterStore`` (no Ray, no HTTP), its records, and client-side helpers.
+
+Decisions shared by every backend:
+
+* Versions are immutable and numbered 1, 2, 3... per (tenant, prefix id); numbers keep increasing
+  after a delete, so a cache can never confuse an old adapter with a new one of the same name.
+* ``put`` validates first (the injected validator, default ``format.inspect_packed``), then writes
+  the blob under its new version, then moves the "current" pointer atomically. A reader sees the
+  old or the new version, never a mix; a rejected or failed put changes nothing.
+* A missing adapter and another tenant's adapter both raise ``NotFoundError`` (no existence leak).
+* Quotas count the *current* versions (what a tenant serves): ``max_adapters`` ids and
+  ``max_bytes`` in total; 0 means unlimited. The last ``keep_versions`` (default 3) versions of each
+  id are kept for rollback/pull and the rest collected; they do not count towards the quota.
+* The change feed (``subscribe``) is a hint: Redis pub/sub can lose messages. ``VersionedCache``
+  revalidates every entry with a cheap ``head`` once it is older than ``max_staleness`` (1 s), so a
+  lost message cannot keep a stale adapter alive for longer than that.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Callable, Generic, Protocol, TypeVar, runtime_checkable
+
+from ..errors import InvalidAdapterError, QuotaExceededError
+
+_log = logging.getLogger(__name__)
+DEFAULT_KEEP_VERSIONS = 3
+META_KEYS = ("kind", "num_virtual_tokens", "labels", "fingerprint")
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-tenant limits on current versions; 0 = unlimited."""
+
+    max_adapters: int = 100
+    max_bytes: int = 2**30
+
+    def __post_init__(self):
+        for name in ("max_adapters", "max_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"quota {name} must be an int >= 0 (0 = unlimited), got {value!r}")
+
+    def check(self, tenant: str, adapters: int, nbytes: int) -> None:
+        """Raise ``QuotaExceededError`` if usage *after* a put would exceed this quota."""
+        if self.max_adapters and adapters > self.max_adapters:
+            raise QuotaExceededError(f"tenant {tenant!r} may own at most {self.max_adapters} adapters",
+                                     code="quota_adapters")
+        if self.max_bytes and nbytes > self.max_bytes:
+            raise QuotaExceededError(f"tenant {tenant!r} would use {nbytes} bytes; its quota is {self.max_bytes}",
+                                     code="quota_bytes")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published version: what ``head`` returns and what the pointer holds."""
+
+    tenant: str
+    prefix_id: str
+    version: int
+    sha256: str
+    size: int
+    meta: dict = field(default_factory=dict)  # kind, num_virtual_tokens, labels, fingerprint, ...
+    created: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "VersionInfo":
+        d = json.loads(text)
+        return cls(d["tenant"], d["prefix_id"], int(d["version"]), d["sha256"], int(d["size"]),
+                   d.get("meta") or {}, float(d.get("created", 0.0)))
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    name: str
+    quota: Quota
+    adapters: int = 0
+    bytes: int = 0
+    key_ids: tuple[str, ...] = ()
+    created: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["key_ids"] = list(self.key_ids)
+        return d
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """(tenant, prefix id) now has ``version`` (None: deleted). ``resync``: events may have been lost
+    (the feed reconnected); drop or revalidate everything."""
+
+    tenant: str
+    prefix_id: str
+    version: int | None
+    resync: bool = False
+
+
+Validator = Callable[[bytes], Any]
+
+
+def default_validator(data: bytes):
+    """``prefixserve.adapters.format.inspect_packed``, imported lazily (it pulls in torch)."""
+    from ..format import inspect_packed
+
+    return inspect_packed(data)
+
+
+def meta_to_dict(meta) -> dict:
+    """Normalise a validator's result (AdapterMeta, dataclass or dict) into a JSON-safe dict."""
+    if hasattr(meta, "to_dict"):
+        meta = meta.to_dict()
+    elif is_dataclass(meta):
+        meta = asdict(meta)
+    if not isinstance(meta, dict):
+        raise InvalidAdapterError(f"validator returned {type(meta).__name__}, expected adapter metadata",
+                                  code="bad_metadata")
+    return json.loads(json.dumps(meta))  # tuples -> lists; fails loudly on non-JSON values
+
+
+class Subscription:
+    def __init__(self, store: "StoreBase", callback: Callable[[ChangeEvent], None]):
+        self._store, self.callback = store, callback
+
+    def close(self) -> None:
+        self._store._unsubscribe(self)
+
+
+@runtime_checkable
+class AdapterStore(Protocol):
+    url: str
+
+    def put(self, tenant: str, prefix_id: str, data: bytes) -> VersionInfo: ...
+    def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]: ...
+    def head(self, tenant: str, prefix_id: str) -> VersionInfo: ...
+    def list(self, tenant: str) -> list[VersionInfo]: ...
+    def versions(self, tenant: str, prefix_id: str) -> list[VersionInfo]: ...
+    def delete(self, tenant: str, prefix_id: str) -> None: ...
+    def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription: ...
+    def create_tenant(self, name: str, quota: Quota | None = None) -> str: ...
+    def tenant_info(self, name: str) -> TenantInfo: ...
+    def list_tenants(self) -> list[TenantInfo]: ...
+    def set_quota(self, name: str, quota: Quota) -> None: ...
+    def rotate_key(self, name: str, *, revoke_old: bool = True) -> str: ...
+    def revoke_key(self, name: str, key_id: str | None = None) -> int: ...
+    def delete_tenant(self, name: str) -> None: ...
+    def authenticate(self, api_key: str) -> str | None: ...
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class StoreBase:
+    """Validation and the subscriber list, shared by the backends (which start their own feed thread)."""
+
+    url = ""
+
+    def __init__(self, *, validator: Validator | None = None, keep_versions: int = DEFAULT_KEEP_VERSIONS):
+        if int(keep_versions) < 1:
+            raise ValueError("keep_versions must be >= 1")
+        self.validator = validator or default_validator
+        self.keep_versions = int(keep_versions)
+        self._subs: list[Subscription] = []
+        self._subs_lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def _validate(self, data) -> dict:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidAdapterError("adapter data must be bytes", code="bad_data")
+        return meta_to_dict(self.validator(bytes(data)))
+
+    # change feed
+    def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription:
+        sub = Subscription(self, callback)
+        with self._subs_lock:
+            self._subs.append(sub)
+        self._start_feed()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._subs_lock:
+            if sub in self._subs:
+                self._subs.remove(sub)
+
+    def _emit(self, event: ChangeEvent) -> None:
+        with self._subs_lock:
+            subs = list(self._subs)
+        for sub in subs:
+            try:
+                sub.callback(event)
+            except Exception:  # one bad subscriber must not stop the feed
+                _log.exception("change-feed subscriber failed on %s", event)
+
+    def _start_feed(self) -> None:  # pragma: no cover - backends override
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    info: VersionInfo
+    value: T
+    checked: float
+
+
+class VersionedCache(Generic[T]):
+    """Client-side cache of decoded adapters that a lost invalidation cannot keep stale for long.
+
+    ``get`` serves an entry validated less than ``max_staleness`` seconds ago; an older one is
+    revalidated with ``store.head`` (metadata only) and reloaded only if the version or sha256 moved.
+    Change events (if ``subscribe``) drop entries early. ``load(info, data)`` decodes bytes (e.g.
+    into tensors); it runs outside the lock.
+    """
+
+    def __init__(self, store: AdapterStore, load: Callable[[VersionInfo, bytes], T] | None = None, *,
+                 max_staleness: float = 1.0, subscribe: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.store, self.max_staleness, self._clock = store, float(max_staleness), clock
+        self._load = load or (lambda info, data: data)
+        self._entries: dict[tuple[str, str], _Entry[T]] = {}
+        self._lock = threading.Lock()
+        self.loads = self.revalidations = 0  # counters for tests and metrics
+        self._sub = store.subscribe(self.on_event) if subscribe else None
+
+    def get(self, tenant: str, prefix_id: str) -> tuple[VersionInfo, T]:
+        key, now = (tenant, prefix_id), self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and now - entry.checked < self.max_staleness:
+            return entry.info, entry.value
+        if entry is not None:
+            self.revalidations += 1
+            try:
+                head = self.store.head(tenant, prefix_id)
+            except Exception:
+                self.invalidate(tenant, prefix_id)
+                raise
+            if head.version == entry.info.version and head.sha256 == entry.info.sha256:
+                entry.checked = now
+                return entry.info, entry.value
+        info, data = self.store.get(tenant, prefix_id)
+        value = self._load(info, data)
+        self.loads += 1
+        with self._lock:
+            self._entries[key] = _Entry(info, value, now)
+        return info, value
+
+    def on_event(self, event: ChangeEvent) -> None:
+        with self._lock:
+            if event.resync:
+                self._entries.clear()
+                return
+            entry = self._entries.get((event.tenant, event.prefix_id))
+            if entry is not None and entry.info.version != event.version:
+                del self._entries[(event.tenant, event.prefix_id)]
+
+    def invalidate(self, tenant: str | None = None, prefix_id: str | None = None) -> None:
+        with self._lock:
+            if tenant is None:
+                self._entries.clear()
+            else:
+                self._entries.pop((tenant, prefix_id), None)
+
+    def cached(self, tenant: str, prefix_id: str) -> VersionInfo | None:
+        with self._lock:
+            entry = self._entries.get((tenant, prefix_id))
+        return entry.info if entry else None
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._sub.close()

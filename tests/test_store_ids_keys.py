@@ -1,0 +1,113 @@
+"""Id rules, path-traversal guards, API-key hashing, URL parsing, and atomic quotas under concurrency."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from prefixserve.adapters.errors import BadRequestError, InvalidIdError, QuotaExceededError
+from prefixserve.adapters.store import Quota, open_store
+from prefixserve.adapters.store.ids import check_id, check_version, safe_join
+from prefixserve.adapters.store.keys import hash_secret, new_key, parse_api_key, verify
+from prefixserve.adapters.store.redis_store import parse_redis_url
+
+
+
+def ok(data: bytes) -> dict:
+    return {"kind": "prefix", "num_virtual_tokens": 1, "labels": ["a"], "fingerprint": "fp"}
+
+
+@pytest.mark.parametrize("good", ["a", "A9", "sentiment", "klue.roberta_v2-final", "0" * 128])
+def test_valid_ids(good):
+    assert check_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "x/..", "/abs", "a/b", "-lead", "_lead", "x" * 129,
+                                 "a b", "a:b", "a\nb", "ü", "a%2fb"])
+def test_invalid_ids(bad):
+    with pytest.raises(InvalidIdError):
+        check_id(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "1.5", "x", None, True, "01a"])
+def test_invalid_versions(bad):
+    with pytest.raises(InvalidIdError):
+        check_version(bad)
+
+
+def test_resolved_paths_stay_under_the_root_even_through_symlinks(tmp_path):
+    store = open_store(f"file://{tmp_path}/root", validator=ok)
+    outside = tmp_path / "outside"
+    (outside / "adapters").mkdir(parents=True)
+    os.symlink(outside, tmp_path / "root" / "tenants" / "evil")  # planted by someone with disk access
+    with pytest.raises(InvalidIdError):
+        store.put("evil", "x", b"data")
+    with pytest.raises(InvalidIdError):
+        store.get("evil", "x")
+    assert list(outside.rglob("*")) == [outside / "adapters"]
+    with pytest.raises(InvalidIdError):
+        safe_join(tmp_path, "..", "etc")
+
+
+def test_api_keys_are_hashed_with_salt_and_pepper():
+    key, rec = new_key("acme", b"pepper")
+    key_id, secret = parse_api_key(key)
+    assert rec["key_id"] == key_id and secret not in str(rec) and rec["tenant"] == "acme"
+    assert verify(secret, rec, b"pepper") == "acme"
+    assert verify(secret, rec, b"other pepper") is None  # the pepper is needed to check a key
+    assert hash_secret(secret, "salt1", b"p") != hash_secret(secret, "salt2", b"p")
+    for bad in ("", "psk_", "psk_zz_secret", f"psk_{key_id}_short", "nope", 5, None):
+        assert parse_api_key(bad) is None
+
+
+def test_pepper_from_env_must_match(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXSERVE_KEY_PEPPER", "one")
+    key = open_store(f"file://{tmp_path}", validator=ok).create_tenant("acme")
+    assert open_store(f"file://{tmp_path}", validator=ok).authenticate(key) == "acme"
+    monkeypatch.setenv("PREFIXSERVE_KEY_PEPPER", "two")
+    assert open_store(f"file://{tmp_path}", validator=ok).authenticate(key) is None
+
+
+def test_store_urls(tmp_path, monkeypatch):
+    assert parse_redis_url("redis://:pw@h:1/2?prefix=x:") == ("redis://:pw@h:1/2", "x:", "pw")
+    monkeypatch.setenv("PREFIXSERVE_REDIS_PASSWORD", "envpw")
+    assert parse_redis_url("rediss://h/0")[1:] == ("ps:", "envpw")
+    mem = open_store("memory://", validator=ok)
+    mem.create_tenant("acme")
+    assert mem.put("acme", "x", b"1").version == 1
+    for bad in ("ftp://x", "file://", "nothing"):
+        with pytest.raises(BadRequestError):
+            open_store(bad)
+    monkeypatch.setenv("PREFIXSERVE_STORE", f"file://{tmp_path}/env")
+    assert open_store(validator=ok).url == f"file://{tmp_path}/env"
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_quota_holds_under_concurrent_puts(kind, request, tmp_path):
+    if kind == "file":
+        url = f"file://{tmp_path}/store"
+    else:
+        server = request.getfixturevalue("redis_server")
+        url = f"{server.url}?prefix={request.getfixturevalue('redis_prefix')}"
+    stores = [open_store(url, validator=ok) for _ in range(4)]
+    stores[0].create_tenant("acme", Quota(max_adapters=5, max_bytes=0))
+    results = []
+
+    def push(i):
+        for j in range(5):
+            try:
+                stores[i].put("acme", f"id{i}-{j}", b"x" * 100)
+                results.append("ok")
+            except QuotaExceededError:
+                results.append("quota")
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 5 and results.count("quota") == 15
+    info = stores[0].tenant_info("acme")
+    assert (info.adapters, info.bytes) == (5, 500)
+    for s in stores:
+        s.close()
