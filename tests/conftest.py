@@ -7,4 +7,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.backbones",
     "tests.fixtures.redis_server",
+    "tests.fixtures.ray_cluster",
 ]

@@ -1,0 +1,183 @@
+"""Prometheus metrics, served by the Ingress at ``/metrics`` (prometheus_client text format).
+
+Decisions:
+* Request metrics (count, errors by code, latency) are recorded where requests arrive: the Ingress,
+  in its own ``CollectorRegistry`` (one per process; no global registry clashes in tests).
+* Backbone metrics (rows per batch, distinct adapters per batch, cache hits/misses/evictions, store
+  fetch latency) happen in other processes. Each Backbone replica keeps cumulative counters and
+  small fixed-bucket histograms (:class:`Hist`) and piggybacks a snapshot on every classify reply;
+  the Ingress keeps the latest snapshot per replica and exposes it labelled ``replica``. Snapshots are
+  cumulative, so a late or skipped one only delays the numbers; replicas silent for 10 min drop out.
+  With several Ingress replicas each exports the same Backbone series: aggregate with
+  ``max by (replica)``. The Backbone also reports to Ray's own metrics (``ray.serve.metrics``) when
+  the Ray metrics agent runs, for clusters that scrape Ray instead.
+* Label cardinality is bounded: ``tenant`` (never prefix id), ``route`` (the route template),
+  ``code`` (the stable error code), ``replica`` (Backbone replicas).
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ADAPTER_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_STALE_S = 600.0
+
+
+class Hist:
+    """A fixed-bucket histogram that pickles as a plain dict (non-cumulative counts per bucket)."""
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # last bucket: +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+
+class BackboneStats:
+    """What one Backbone replica counts; ``snapshot()`` travels back with each reply."""
+
+    def __init__(self, replica: str):
+        self.replica = replica
+        self.batch_rows = Hist(ROW_BUCKETS)
+        self.batch_adapters = Hist(ADAPTER_BUCKETS)
+        self.fetch_seconds = Hist(SECONDS_BUCKETS)
+        self.forward_seconds = Hist(SECONDS_BUCKETS)
+        self.fetch_errors = 0
+        self._ray = _ray_metrics()
+
+    def batch(self, rows: int, adapters: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_adapters.observe(adapters)
+        self.forward_seconds.observe(seconds)
+        if self._ray:
+            self._ray["rows"].observe(rows)
+            self._ray["adapters"].observe(adapters)
+
+    def fetch(self, seconds: float, ok: bool = True) -> None:
+        self.fetch_seconds.observe(seconds)
+        self.fetch_errors += 0 if ok else 1
+        if self._ray:
+            self._ray["fetch"].observe(seconds)
+
+    def snapshot(self, cache_stats) -> dict:
+        cache = cache_stats.to_dict() if hasattr(cache_stats, "to_dict") else dict(cache_stats)
+        return {"replica": self.replica, "cache": cache, "batch_rows": self.batch_rows.snapshot(),
+                "batch_adapters": self.batch_adapters.snapshot(), "fetch_seconds": self.fetch_seconds.snapshot(),
+                "forward_seconds": self.forward_seconds.snapshot(), "fetch_errors": self.fetch_errors}
+
+
+def _ray_metrics():
+    """Ray-native histograms (exported by Ray's metrics agent); None outside a Serve replica."""
+    try:
+        from ray.serve.metrics import Histogram
+
+        return {
+            "rows": Histogram("prefixserve_backbone_batch_rows", description="rows per forward",
+                              boundaries=list(ROW_BUCKETS)),
+            "adapters": Histogram("prefixserve_backbone_batch_adapters", description="distinct adapters per forward",
+                                  boundaries=list(ADAPTER_BUCKETS)),
+            "fetch": Histogram("prefixserve_backbone_store_fetch_seconds", description="store fetch latency",
+                               boundaries=list(SECONDS_BUCKETS)),
+        }
+    except Exception:  # no Ray / not in a replica: the snapshot path still works
+        return None
+
+
+class IngressMetrics:
+    """The Ingress process's registry plus the latest Backbone snapshots."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("prefixserve_requests_total", "HTTP requests", ["route", "tenant", "status"],
+                                registry=self.registry)
+        self.errors = Counter("prefixserve_request_errors_total", "error responses by stable code",
+                              ["tenant", "code"], registry=self.registry)
+        self.latency = Histogram("prefixserve_request_latency_seconds", "request latency at the ingress",
+                                 ["route"], buckets=SECONDS_BUCKETS, registry=self.registry)
+        self.rows = Counter("prefixserve_classify_rows_total", "classified inputs", ["tenant"],
+                            registry=self.registry)
+        self._snapshots: dict[str, tuple[float, dict]] = {}
+        self._lock = threading.Lock()
+        self.registry.register(_SnapshotCollector(self))
+
+    def observe(self, route: str, tenant: str, status: int, seconds: float, code: str | None = None) -> None:
+        self.requests.labels(route, tenant, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if code:
+            self.errors.labels(tenant, code).inc()
+
+    def backbone_snapshot(self, snap: dict | None) -> None:
+        if snap and snap.get("replica"):
+            with self._lock:
+                self._snapshots[snap["replica"]] = (time.monotonic(), snap)
+
+    def snapshots(self) -> list[dict]:
+        now = time.monotonic()
+        with self._lock:
+            for k in [k for k, (t, _) in self._snapshots.items() if now - t > _STALE_S]:
+                del self._snapshots[k]
+            return [s for _, s in self._snapshots.values()]
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _SnapshotCollector:
+    """Turns Backbone snapshots into metric families at scrape time."""
+
+    def __init__(self, owner: IngressMetrics):
+        self.owner = owner
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        snaps = self.owner.snapshots()
+        counters = {name: CounterMetricFamily(f"prefixserve_adapter_cache_{name}", f"device adapter cache {name}",
+                                              labels=["replica"]) for name in ("hits", "misses", "evictions")}
+        resident = GaugeMetricFamily("prefixserve_adapter_cache_resident_bytes", "device bytes held by adapters",
+                                     labels=["replica"])
+        fetch_err = CounterMetricFamily("prefixserve_store_fetch_errors", "failed adapter fetches", labels=["replica"])
+        hists = {
+            "batch_rows": HistogramMetricFamily("prefixserve_batch_rows", "rows per backbone forward", labels=["replica"]),
+            "batch_adapters": HistogramMetricFamily("prefixserve_batch_adapters", "distinct adapters per forward",
+                                                    labels=["replica"]),
+            "fetch_seconds": HistogramMetricFamily("prefixserve_store_fetch_seconds", "store fetch + device load latency",
+                                                   labels=["replica"]),
+            "forward_seconds": HistogramMetricFamily("prefixserve_forward_seconds", "backbone forward latency",
+                                                     labels=["replica"]),
+        }
+        for snap in snaps:
+            rep, cache = [snap["replica"]], snap.get("cache", {})
+            for name, fam in counters.items():
+                fam.add_metric(rep, float(cache.get(name, 0)))
+            resident.add_metric(rep, float(cache.get("resident_bytes", 0)))
+            fetch_err.add_metric(rep, float(snap.get("fetch_errors", 0)))
+            for name, fam in hists.items():
+                h = snap.get(name)
+                if not h:
+                    continue
+                cum, buckets = 0, []
+                for bound, count in zip([*map(str, h["bounds"]), "+Inf"], h["counts"]):
+                    cum += count
+                    buckets.append((bound, float(cum)))
+                fam.add_metric(rep, buckets, float(h["sum"]))
+        yield from counters.values()
+        yield resident
+        yield fetch_err
+        yield from hists.values()

