@@ -97,6 +97,17 @@ class AdapterCache(Generic[T]):
         with self._lock:
             self._pinned.discard(key)
 
+    def discard(self, key: str) -> bool:
+        """Drop exactly ``key`` (e.g. a superseded ``tenant/prefix@3``); True if it was resident."""
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return False
+            self._bytes -= item[1]
+            self._pinned.discard(key)
+            self._update()
+            return True
+
     def invalidate(self, prefix: str) -> int:
         """Drop every entry whose key starts with ``prefix`` (e.g. ``tenant/prefix@``)."""
         with self._lock:

@@ -114,9 +114,7 @@ class Backbone:
             if loaded & keep:
                 self._loaded[(event.tenant, event.prefix_id)] = loaded & keep
         for v in loaded - keep:
-            # invalidate() matches key prefixes: "@1" would also drop "@12"; leave such a one to the LRU
-            if not any(str(k).startswith(str(v)) for k in keep):
-                self.engine.cache.invalidate(f"{event.tenant}/{event.prefix_id}@{v}")
+            self.engine.cache.discard(f"{event.tenant}/{event.prefix_id}@{v}")
 
     def __del__(self):
         try:

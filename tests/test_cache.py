@@ -34,3 +34,11 @@ def test_invalidate_by_key_prefix():
         c.get(k, lambda k=k: (k, 1))
     assert c.invalidate("t1/p@") == 2
     assert "t1/q@1" in c and "t2/p@1" in c and c.stats.resident == 2
+
+
+def test_discard_is_exact():
+    c = make(1000)
+    for k in ("t/p@1", "t/p@12"):
+        c.get(k, lambda k=k: (k, 1))
+    assert c.discard("t/p@1") and not c.discard("t/p@1")
+    assert "t/p@12" in c and c.stats.resident_bytes == 1
