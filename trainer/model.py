@@ -1,0 +1,204 @@
+"""The trainable wrapper: frozen shared encoder + trainable virtual tokens + classification head.
+
+The forward pass goes through :func:`prefixserve.adapters.virtual_tokens.encode` - the very function the
+serving engine runs - so what is trained is exactly what is served (no second attention implementation).
+
+Decisions:
+* The encoder stays in **eval mode** even while training (``train()`` is overridden): it is frozen and
+  shared, and its dropout would make the prefix learn to fight noise the server never applies. The only
+  dropout is on the head's input (the token-0 hidden state), ``head_dropout`` (default 0.1).
+* ``kind=None`` gives a head-only model (linear probe / full fine-tuning rows of Table 1); such a model has
+  no virtual tokens and cannot be exported as an adapter (the packed format needs ``prompt_embeddings``).
+* ``train_backbone=True`` (full fine-tuning) makes the encoder's parameters trainable; the result is a
+  full model, reported only, never servable on the shared backbone.
+* A soft prompt starts from the embeddings of random vocabulary tokens (seeded), which trains far better
+  than N(0, 1) noise. A prefix starts (``prefix_init="tokens"``, the trainer's default) from the keys/values
+  the frozen encoder computes for random vocabulary tokens (Li & Liang 2021), or as PEFT's N(0, 1)
+  (``"random"``; always with ``prefix_projection``), unless ``init`` (a pre-trained prefix) is given.
+* Tokenisation matches the engine: each text is truncated to ``min(max_length, room left by the adapter)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from prefixserve.adapters.format import dump_packed
+from prefixserve.adapters.heads import ClassificationHead, expected_head_style
+from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
+from prefixserve.adapters.prompt import PromptConfig, PromptEncoder
+from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv
+
+
+class AdapterModel(nn.Module):
+    """``forward(input_ids, attention_mask, token_type_ids) -> logits (B, C)``."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, *, kind: str | None = "prefix",
+                 num_virtual_tokens: int = 20, prefix_projection: bool = False, encoder_hidden_size: int = 512,
+                 init: Tensor | None = None, head_dropout: float = 0.1, train_backbone: bool = False,
+                 seed: int = 0, prefix_init: str = "random"):
+        super().__init__()
+        c = encoder.config
+        self.encoder = encoder
+        self.kind = kind
+        self.train_backbone = train_backbone
+        self.layers, self.heads, self.hidden = c.num_hidden_layers, c.num_attention_heads, c.hidden_size
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init, independent of the global RNG state
+            torch.manual_seed(seed)
+            if kind == "prefix":
+                self.vconfig = PrefixConfig(num_virtual_tokens, self.layers, self.heads, self.hidden,
+                                            prefix_projection, encoder_hidden_size)
+                if init is None and prefix_init == "tokens" and not prefix_projection:
+                    init = token_activations(encoder, num_virtual_tokens, gen)  # (P, layers*2*H)
+                self.virtual = PrefixEncoder(self.vconfig, None if init is None else init.float())
+            elif kind == "prompt":
+                self.vconfig = PromptConfig(num_virtual_tokens, self.hidden, self.layers, self.heads)
+                if init is None:  # random vocabulary embeddings: (Q, H)
+                    vocab = encoder.embeddings.word_embeddings.weight
+                    ids = torch.randint(min(100, vocab.shape[0] - 1), vocab.shape[0], (num_virtual_tokens,),
+                                        generator=gen)
+                    init = vocab.detach()[ids.to(vocab.device)].float().cpu()
+                self.virtual = PromptEncoder(self.vconfig, init)
+            elif kind is None:
+                self.vconfig, self.virtual = None, None
+            else:
+                raise ValueError(f"kind must be 'prefix', 'prompt' or None, got {kind!r}")
+            self.head = ClassificationHead(self.hidden, num_labels, expected_head_style(encoder))
+        self.dropout = nn.Dropout(head_dropout)
+        encoder.requires_grad_(train_backbone)
+        device = next(encoder.parameters()).device
+        self.to(device)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.vconfig is None else self.vconfig.num_virtual_tokens
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen/shared encoder: deterministic, as served (see module docstring)
+        return self
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups by role: ``virtual``, ``head``, ``backbone`` (only when fine-tuning)."""
+        groups = {"virtual": [] if self.virtual is None else list(self.virtual.parameters()),
+                  "head": list(self.head.parameters()),
+                  "backbone": list(self.encoder.parameters()) if self.train_backbone else []}
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
+
+    def virtual_tokens(self, batch: int, device) -> VirtualTokens | None:
+        if self.virtual is None:
+            return None
+        n = self.num_virtual_tokens
+        lengths = torch.full((batch,), n, dtype=torch.long, device=device)  # (B,)
+        zeros = torch.zeros_like(lengths)
+        flat = self.virtual()  # prefix: (P, layers*2*H); prompt: (Q, H)
+        if self.kind == "prefix":
+            kv = prefix_to_kv(flat, self.layers, self.heads)  # (layers, 2, heads, P, hd)
+            kv = kv.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)  # (layers, 2, B, heads, P, hd)
+            return VirtualTokens(kv, lengths, None, zeros)
+        prompt = flat.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
+        return VirtualTokens(None, zeros, prompt, lengths)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        batch = input_ids.shape[0]  # input_ids: (B, T)
+        vt = self.virtual_tokens(batch, input_ids.device)
+        out = encode(self.encoder, input_ids, attention_mask, token_type_ids, vt)
+        hidden = out.last_hidden_state  # (B, S, H); S = Q + T for a prompt, T otherwise
+        first = self.dropout(hidden[:, :1])  # (B, 1, H): token 0 is all either head reads
+        return self.head(first, getattr(self.encoder, "pooler", None))  # (B, C)
+
+    # ---- export ---------------------------------------------------------------------------------
+    def peft_config(self, base_model: str = "") -> dict:
+        if self.vconfig is None:
+            raise ValueError("a head-only model has no adapter to export")
+        return self.vconfig.to_peft_dict(base_model)
+
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """PEFT's tensors: materialised ``prompt_embeddings`` and ``base_model.classifier.*`` (CPU, fp32)."""
+        tensors = {"prompt_embeddings": self.virtual.materialise(), **self.head.peft_state()}
+        return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+    def export(self, labels: list[str], fingerprint: str, base_model: str = "") -> bytes:
+        """The packed adapter file (validated by ``dump_packed``)."""
+        return dump_packed(self.peft_config(base_model), self.adapter_tensors(), labels, fingerprint)
+
+    def state_to_keep(self) -> dict[str, Tensor]:
+        """A CPU copy of everything trainable (for the best checkpoint)."""
+        names = {id(p) for ps in self.trainable_parameters().values() for p in ps}
+        return {k: v.detach().cpu().clone() for k, v in self.named_parameters() if id(v) in names}
+
+    def load_kept(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+@torch.no_grad()
+def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator) -> Tensor:
+    """Prefix init from real activations (Li & Liang 2021): the keys/values the frozen encoder computes for
+    ``num_tokens`` random vocabulary tokens, in PEFT's flat layout (P, layers*2*hidden)."""
+    vocab = encoder.embeddings.word_embeddings.weight.shape[0]
+    ids = torch.randint(min(1000, vocab // 2), vocab, (1, num_tokens), generator=gen)  # (1, P)
+    layers = encoder.encoder.layer
+    captured: dict[tuple[int, int], Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = layer.attention.self
+        for j, proj in enumerate((attn.key, attn.value)):
+            hooks.append(proj.register_forward_hook(
+                lambda _m, _inp, out, key=(i, j): captured.__setitem__(key, out[0].detach().float().cpu())))
+    try:
+        device = next(encoder.parameters()).device
+        encoder(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    kv = torch.stack([torch.stack([captured[(i, 0)], captured[(i, 1)]]) for i in range(len(layers))])  # (L, 2, P, H)
+    return kv.permute(2, 0, 1, 3).reshape(num_tokens, -1).contiguous()  # (P, layers*2*H)
+
+
+# ---- tokenisation and batches -------------------------------------------------------------------
+def text_room(encoder: nn.Module, num_virtual_tokens: int, max_length: int | None) -> int:
+    """Real tokens (specials included) a row may keep: the engine's rule."""
+    room = max_text_tokens(encoder, num_virtual_tokens)
+    return min(room, max_length) if max_length else room
+
+
+def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[list[int], list[int], int]]:
+    """[(input_ids, token_type_ids, label_index)] truncated to ``room`` like the engine does."""
+    index = {name: i for i, name in enumerate(labels)}
+    texts = [e.text for e in examples]
+    pairs = [e.pair for e in examples]
+    if any(p is not None for p in pairs):
+        rows = [tokenizer(t, p, truncation=True, max_length=room) if p is not None
+                else tokenizer(t, truncation=True, max_length=room) for t, p in zip(texts, pairs)]
+        ids = [r["input_ids"] for r in rows]
+        types = [r.get("token_type_ids") or [0] * len(r["input_ids"]) for r in rows]
+    else:
+        enc = tokenizer(texts, truncation=True, max_length=room)
+        ids = enc["input_ids"]
+        types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+    return [(i, t, index[e.label]) for i, t, e in zip(ids, types, examples)]
+
+
+def collate(rows, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-pad to the longest row: (input_ids, attention_mask, token_type_ids) (B, T), labels (B,)."""
+    t_max = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), t_max), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
+    types = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
+    for i, (x, t, _) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        types[i, : len(t)] = torch.tensor(t)
+    labels = torch.tensor([r[2] for r in rows], dtype=torch.long)  # (B,)
+    return ids.to(device), mask.to(device), types.to(device), labels.to(device)
+
+
+def batches(rows, batch_size: int, pad_id: int, device, generator: torch.Generator | None = None):
+    """Yield collated batches; shuffled with ``generator`` when given (seeded, reproducible)."""
+    order = torch.randperm(len(rows), generator=generator).tolist() if generator is not None else range(len(rows))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield collate([rows[i] for i in order[start:start + batch_size]], pad_id, device)
