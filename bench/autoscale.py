@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,14 +64,17 @@ def expected_answers(backbone, adapters) -> dict:
     return want
 
 
-def replica_count(app: str, deployment: str = "Backbone") -> int:
+def replica_count(app: str, deployment: str = "Backbone") -> tuple[int, int, str]:
+    """(running, starting, deployment status) of ``deployment``; starting covers pending actors too."""
     from ray import serve
 
     try:
-        states = serve.status().applications[app].deployments[deployment].replica_states
-        return int(states.get("RUNNING", 0))
+        dep = serve.status().applications[app].deployments[deployment]
+        states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+        return (states.get("RUNNING", 0), states.get("STARTING", 0) + states.get("PENDING_MIGRATION", 0),
+                str(getattr(dep.status, "value", dep.status)))
     except (KeyError, AttributeError):
-        return 0
+        return 0, 0, "UNKNOWN"
 
 
 async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
@@ -87,7 +91,7 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
     async def client(i: int, until: float, pause: float, http: httpx.AsyncClient):
         nonlocal in_flight
         n = 0
-        while time.monotonic() < until:
+        while time.monotonic() < until and not state.get("until", lambda: False)():
             tenant, pid = pairs[(i + n) % len(pairs)]
             text = TEXTS[(i * 7 + n) % len(TEXTS)]
             n += 1
@@ -111,33 +115,36 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
             if pause:
                 await asyncio.sleep(pause)
 
-    async def sampler(t_start: float):
+    def sampler(t_start: float):  # a plain thread: a slow serve.status() never stalls the clients
         while not state["stop"]:
-            replicas = await asyncio.to_thread(replica_count, APP_NAME)
-            timeline.append({"t": time.monotonic() - t_start, "replicas": replicas, "in_flight": in_flight,
-                             "phase": state["phase"]})
-            await asyncio.sleep(sample_s)
+            running, starting, status = replica_count(APP_NAME)
+            timeline.append({"t": time.monotonic() - t_start, "replicas": running, "starting": starting,
+                             "status": status, "in_flight": in_flight, "phase": state["phase"]})
+            time.sleep(sample_s)
 
     t_start = time.monotonic()
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        sampler_task = asyncio.create_task(sampler(t_start))
+    sampler_thread = threading.Thread(target=sampler, args=(t_start,), daemon=True)
+    sampler_thread.start()
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
         for name, clients, duration, pause, until_replicas in phases:
             state["phase"] = name
-            if until_replicas is None:
-                end = time.monotonic() + duration
-                await asyncio.gather(*(client(i, end, pause, http) for i in range(clients)))
-            else:  # cool-down: keep one slow client until back to `until_replicas` (or the time cap)
-                end = time.monotonic() + duration
-                task = asyncio.create_task(client(0, end, pause, http))
-                while time.monotonic() < end:
-                    if timeline and timeline[-1]["replicas"] == until_replicas and timeline[-1]["phase"] == name:
-                        break
-                    await asyncio.sleep(sample_s)
-                end = time.monotonic()
-                await task
-        state["stop"] = True
-        await sampler_task
+            print(f"phase {name}: {clients} client(s), up to {duration:.0f}s", file=sys.stderr)
+            end = time.monotonic() + duration
+            if until_replicas is not None:  # cool-down: stop as soon as Serve is back to `until_replicas`
+                def back_down(name=name):
+                    last = timeline[-1] if timeline else None
+                    return (last is not None and last["phase"] == name and last["replicas"] == until_replicas
+                            and last["starting"] == 0 and last["status"] == "HEALTHY")
+                state["until"] = back_down
+            tasks = [asyncio.create_task(client(i, end, pause, http)) for i in range(clients)]
+            # hard cap: a phase never outlives its duration plus one request timeout
+            done, pending = await asyncio.wait(tasks, timeout=duration + 35)
+            for task in pending:
+                task.cancel()
+            state.pop("until", None)
+    state["stop"] = True
+    sampler_thread.join(timeout=10)
     for r in records:
         r["t"] -= t_start
     return timeline, records
@@ -151,7 +158,10 @@ def plot(timeline, records, path: Path) -> None:
 
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
     t = [s["t"] for s in timeline]
-    axes[0].step(t, [s["replicas"] for s in timeline], where="post", color="tab:blue")
+    axes[0].step(t, [s["replicas"] for s in timeline], where="post", color="tab:blue", label="running")
+    axes[0].step(t, [s["replicas"] + s["starting"] for s in timeline], where="post", color="tab:blue",
+                 linestyle=":", label="running + starting")
+    axes[0].legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("Backbone replicas")
     axes[0].set_ylim(0, 3.5)
     axes[1].plot(t, [s["in_flight"] for s in timeline], color="tab:orange")
@@ -175,13 +185,13 @@ def plot(timeline, records, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter phases (about 2 minutes in all)")
+    ap.add_argument("--quick", action="store_true", help="shorter phases (about 3-4 minutes in all)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients during the load phase")
-    ap.add_argument("--load-s", type=float, default=None, help="load phase length (default 45, quick 25)")
-    ap.add_argument("--cooldown-cap-s", type=float, default=90, help="give up waiting for scale-down after this")
+    ap.add_argument("--load-s", type=float, default=None, help="load phase length (default 90, quick 60)")
+    ap.add_argument("--cooldown-cap-s", type=float, default=120, help="give up waiting for scale-down after this")
     ap.add_argument("--out", default="bench/results", help="output folder")
     args = ap.parse_args(argv)
-    load_s = args.load_s or (25 if args.quick else 45)
+    load_s = args.load_s or (60 if args.quick else 90)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFIXSERVE_RAY_LOGS", "0")

@@ -65,7 +65,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def start_ray(num_cpus: int | None = None, *, address: str | None = None) -> None:
+def pin_ray_to_loopback() -> None:
+    """Keep a local Ray cluster on 127.0.0.1.
+
+    Ray 2.60 rewrites ``_node_ip_address="127.0.0.1"`` to the machine's routable address
+    (``services.resolve_ip_for_localhost``) and its GCS/raylet then listen on every interface.
+    Its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node IP and every
+    listener on loopback. The env var reaches Ray's child processes; the constant covers a driver
+    that imported Ray already.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except ImportError:  # private module moved: the env var still applies to a fresh import
+        pass
+
+
+def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to_driver: bool | None = None) -> None:
     """Ray on loopback (local default), or connect to ``address``; idempotent."""
     import ray
 
@@ -76,8 +94,11 @@ def start_ray(num_cpus: int | None = None, *, address: str | None = None) -> Non
     if address:
         ray.init(address=address)
     else:
+        pin_ray_to_loopback()
+        if log_to_driver is None:
+            log_to_driver = os.environ.get("PREFIXSERVE_RAY_LOGS", "1") != "0"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=os.environ.get("PREFIXSERVE_RAY_LOGS", "1") != "0")
+                 log_to_driver=log_to_driver)
 
 
 def run_local(settings: AppSettings, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
