@@ -43,18 +43,6 @@ def _predict(args) -> int:
     return main(args)
 
 
-def _safely(func):
-    def run(args) -> int:
-        from .errors import PrefixServeError
-
-        try:
-            return func(args)
-        except PrefixServeError as exc:
-            print(json.dumps(exc.to_dict(), ensure_ascii=False), file=sys.stderr)
-            return 2
-    return run
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("pack", formatter_class=fmt, help="PEFT folder -> one packed .safetensors adapter",
@@ -65,18 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", help="hub id or folder of the backbone (its fingerprint is recorded)")
     p.add_argument("--fingerprint", help="backbone fingerprint, instead of loading --backbone")
     p.add_argument("--labels", help="label names: 'neg,pos' or a JSON list (default LABEL_0..)")
-    p.set_defaults(func=_safely(_pack))
+    p.set_defaults(func=_pack)
 
     p = sub.add_parser("unpack", formatter_class=fmt, help="packed adapter -> PEFT folder",
                        description="Write a folder PeftModel.from_pretrained loads, plus prefixserve.json "
                        "(labels, fingerprint) so that packing it again is lossless.")
     p.add_argument("file", help="packed .safetensors adapter")
     p.add_argument("-o", "--output", required=True, help="folder to write")
-    p.set_defaults(func=_safely(_unpack))
+    p.set_defaults(func=_unpack)
 
     p = sub.add_parser("inspect", formatter_class=fmt, help="validate a packed adapter and print its metadata")
     p.add_argument("file")
-    p.set_defaults(func=_safely(_inspect))
+    p.set_defaults(func=_inspect)
 
     p = sub.add_parser("predict", formatter_class=fmt, help="offline batch job over a JSONL file",
                        description="Each input line {\"adapter\": PATH, \"text\": ..., \"text_pair\": ...?} gives "
@@ -90,4 +78,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, help="cap on tokens per row (default: all positions)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.set_defaults(func=_safely(_predict))
+    p.set_defaults(func=_predict)

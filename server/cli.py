@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 # module path -> registers one or more sub-commands
@@ -37,12 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command. Expected failures print ``{"error": {code, message}}`` on stderr, exit 2."""
+    from prefixserve.adapters.errors import PrefixServeError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except PrefixServeError as exc:
+        print(json.dumps(exc.to_dict(), ensure_ascii=False), file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable input, unwritable output
+        print(json.dumps({"error": {"code": "io_error", "message": str(exc)}}, ensure_ascii=False), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,14 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import tests.conftest as _conftest
 from tests.fixtures.backbones import make_peft_adapter, peft_logits
-
-# Use the shared fixtures; import them here only if the integrator has not registered them yet.
-if "tests.fixtures.ray_cluster" not in _conftest.pytest_plugins:
-    from tests.fixtures.ray_cluster import ray_serve  # noqa: F401
-if "tests.fixtures.redis_server" not in _conftest.pytest_plugins:
-    from tests.fixtures.redis_server import redis_server  # noqa: F401
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.ray, pytest.mark.redis]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def _ints(text: str) -> list[int]:
@@ -38,18 +37,6 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         if action.help is None and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
             action.help = ""
             action.help = _HelpFormatter("x")._get_help_string(action)
-
-
-def _safely(func):
-    def run(args) -> int:
-        from prefixserve.adapters.errors import PrefixServeError
-
-        try:
-            return func(args)
-        except PrefixServeError as exc:
-            print(json.dumps(exc.to_dict(), ensure_ascii=False), file=sys.stderr)
-            return 2
-    return run
 
 
 def _fields(args, cls) -> dict:
@@ -145,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--api-key", default=None, help="Bearer token")
     _data_args(p)
     _optim_args(p, epochs=10)
-    p.set_defaults(func=_safely(_train))
+    p.set_defaults(func=_train)
     _show_defaults(p)
 
     p = sub.add_parser("pretrain", formatter_class=fmt, help="pre-train a prefix by MLM on raw text",
@@ -167,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", required=True, help="pre-trained prefix .safetensors")
-    p.set_defaults(func=_safely(_pretrain))
+    p.set_defaults(func=_pretrain)
     _show_defaults(p)
 
     p = sub.add_parser("experiment", formatter_class=fmt, help="reproduce paper tables (table1)",
@@ -190,5 +177,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     _data_args(p)
     _optim_args(p, epochs=10)
-    p.set_defaults(func=_safely(_experiment))
+    p.set_defaults(func=_experiment)
     _show_defaults(p)

@@ -138,21 +138,6 @@ def _tenant_delete(args) -> int:
     return 0
 
 
-def _safely(func):
-    def run(args) -> int:
-        from ..errors import PrefixServeError
-
-        try:
-            return func(args)
-        except PrefixServeError as exc:
-            print(json.dumps(exc.to_dict(), ensure_ascii=False), file=sys.stderr)
-            return 2
-        except OSError as exc:
-            print(json.dumps({"error": {"code": "io_error", "message": str(exc)}}), file=sys.stderr)
-            return 2
-    return run
-
-
 def _common(tenant: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--store", metavar="URL", help="store URL (default: env PREFIXSERVE_STORE)")
@@ -165,7 +150,7 @@ def _common(tenant: bool) -> argparse.ArgumentParser:
 def _add(sub, name, func, parent, help_text, description=None):
     p = sub.add_parser(name, parents=[parent], help=help_text, description=description or help_text,
                        epilog=_EPILOG)
-    p.set_defaults(func=_safely(func))
+    p.set_defaults(func=func)
     return p
 
 
