@@ -89,8 +89,8 @@ class Engine:
             check_compatible(adapter.meta, self.backbone.spec)
         virtual = adapter.virtual.to(self.device, self.dtype)  # (P, layers*2*H) or (Q, H)
         if adapter.meta.kind == "prefix":
-            virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()  # (layers, 2, heads, P, hd)
-        head = ClassificationHead.from_tensors(adapter.head).to(self.device, self.dtype).eval()
+            virtual = prefix_to_kv(virtual, self._layers, self._heads)  # (layers, 2, heads, P, hd), a view
+        head = ClassificationHead.from_tensors(adapter.head, copy=False).to(self.device, self.dtype).eval()
         head.requires_grad_(False)
         nbytes = virtual.numel() * virtual.element_size() + sum(
             p.numel() * p.element_size() for p in head.parameters())
@@ -170,12 +170,12 @@ class Engine:
         vt = self._virtual(rows, groups)
         dev = self.device
         out = encode(self.model, input_ids.to(dev), attention.to(dev), token_types.to(dev), vt)
-        hidden = out.last_hidden_state  # (B, S, H)
+        first = out.last_hidden_state[:, :1]  # (B, 1, H): heads (and BERT's pooler) read token 0 only
         pooler = getattr(self.model, "pooler", None)
         logits: list[Tensor | None] = [None] * len(rows)
         for idx in groups.values():
             head = rows[idx[0]].adapter.head
-            group_logits = head(hidden[idx], pooler).float().cpu()  # (n, C)
+            group_logits = head(first[idx], pooler).float().cpu()  # (n, C)
             for j, i in enumerate(idx):
                 logits[i] = group_logits[j]
         return logits, truncated

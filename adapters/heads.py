@@ -66,17 +66,17 @@ class ClassificationHead(nn.Module):
         return {PEFT_HEAD_PREFIX + k: v.detach().clone().contiguous() for k, v in own.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> "ClassificationHead":
-        """Build from stripped head tensors (``dense.weight`` ... or ``weight``/``bias``)."""
+    def from_tensors(cls, tensors: dict[str, Tensor], *, copy: bool = True) -> "ClassificationHead":
+        """Build from stripped head tensors (``dense.weight`` ... or ``weight``/``bias``).
+
+        ``copy=False`` adopts the tensors (the engine does, with tensors freshly read from a file).
+        """
         style = head_style(tensors)
         w = tensors["out_proj.weight"] if style == "roberta" else tensors["weight"]  # (C, H)
-        head = cls(w.shape[1], w.shape[0], style)
-        with torch.no_grad():
-            if style == "roberta":
-                head.dense.weight.copy_(tensors["dense.weight"]); head.dense.bias.copy_(tensors["dense.bias"])
-                head.out_proj.weight.copy_(tensors["out_proj.weight"]); head.out_proj.bias.copy_(tensors["out_proj.bias"])
-            else:
-                head.linear.weight.copy_(tensors["weight"]); head.linear.bias.copy_(tensors["bias"])
+        with torch.device("meta"):  # skip the random init that the load overwrites (~4x cheaper miss)
+            head = cls(w.shape[1], w.shape[0], style)
+        own = {"linear." + k: v for k, v in tensors.items()} if style == "bert" else dict(tensors)
+        head.load_state_dict({k: (v.detach().clone() if copy else v.detach()) for k, v in own.items()}, assign=True)
         return head
 
 

@@ -68,6 +68,19 @@ def write_splits(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path
     return paths[0], paths[1], stats
 
 
+def _target_list(values: dict) -> list[dict]:
+    """The two accuracy targets in bench.common.target's shape (run_all's SUMMARY reads these)."""
+    from bench.common import target
+
+    out = []
+    if values.get("prefix_minus_probe_pts") is not None:
+        out.append(target("accuracy: frozen prefix - linear probe (pts)", values["prefix_minus_probe_pts"], 5.0, unit=" pts"))
+    if values.get("ft_minus_prefix_pts") is not None:
+        out.append(target("accuracy: full fine-tuning - frozen prefix (pts)", values["ft_minus_prefix_pts"], 2.0,
+                          higher_is_better=False, unit=" pts"))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run: 400 train / 300 eval, 1 length, 5 epochs")
@@ -132,7 +145,8 @@ def main(argv=None) -> int:
         targets["prefix_within_2_of_ft"] = gap <= 2
     result = {"command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "data": stats, "best_prefix_row": best and best["row"],
-              "targets": targets, "wall_time_s": time.time() - started, "table": report}
+              "target_values": targets, "targets": _target_list(targets),
+              "wall_time_s": time.time() - started, "table": report}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = [f"# Table 1 on Rotten Tomatoes (all-MiniLM-L6-v2, CPU)\n",

@@ -262,7 +262,17 @@ def main(argv=None) -> int:
                           "p99_ms": round(1000 * sorted(r["latency_s"] for r in rs)[int(0.99 * (len(rs) - 1))], 1)}
                    for name, rs in by_phase.items()},
     }
-    (out / "autoscale.json").write_text(json.dumps({"summary": summary, "timeline": timeline, "requests": records}))
+    targets = [  # same shape as bench.common.target, so run_all's SUMMARY lists them
+        {"name": "autoscale: peak Backbone replicas under load", "measured": peak, "threshold": 2, "op": ">=",
+         "unit": "", "met": peak >= 2, "margin": peak - 2, "note": "min 1 / max 3"},
+        {"name": "autoscale: replicas after the load", "measured": final, "threshold": 1, "op": "<=",
+         "unit": "", "met": final <= 1, "margin": 1 - final, "note": ""},
+        {"name": "autoscale: failed or wrong answers", "measured": summary["errors"] + summary["wrong_answers"],
+         "threshold": 0, "op": "<=", "unit": "", "met": summary["errors"] + summary["wrong_answers"] == 0,
+         "margin": -(summary["errors"] + summary["wrong_answers"]), "note": f"{len(records)} requests"},
+    ]
+    (out / "autoscale.json").write_text(json.dumps({"summary": summary, "targets": targets, "timeline": timeline,
+                                                    "requests": records}))
     plot(timeline, records, out / "autoscale.png")
     lines = ["# Autoscaling on a local Ray cluster", "", "```", json.dumps(summary, indent=2), "```", "",
              "![timeline](autoscale.png)"]
