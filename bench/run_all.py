@@ -143,7 +143,8 @@ def write_summary(args, runs: list[dict]) -> tuple[list[dict], Path]:
               "## Targets", ""]
     if targets:
         lines += [common.md_table(["target", "want", "measured", "status", "margin", "source"],
-                                  [common.fmt_target(t) + [f"[{t['source']}]({t['source']}.md)"] for t in targets]), ""]
+                                  [common.fmt_target(t) + [f"[{t['source']}]({t['source']}{'.md' if (out / (t['source'] + '.md')).exists() else '.json'})"]
+                                   for t in targets]), ""]
     else:
         lines += ["(no bench reported targets)", ""]
     if runs:
