@@ -6,19 +6,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-import torch
 
 from prefixserve.adapters.format import load_packed
 from prefixserve.server.cli import main
-from tests.test_trainer import FILLER, NEG, POS, write_tsv
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_trainer import FILLER, NEG, POS, one_thread, write_tsv  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture
