@@ -16,7 +16,7 @@ from .backbone import Backbone
 from .cache import AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
-from .virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv
+from .virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv, right_pad, text_room
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Engine:
 
     # ---- inference ------------------------------------------------------------------------------
     def room(self, adapter: DeviceAdapter) -> int:
-        return min(self.max_length, max_text_tokens(self.model, adapter.length))
+        return text_room(self.model, adapter.length, self.max_length)
 
     def _tokenize(self, rows: list[Row]):
         """Right-padded ids (B, T) with each row truncated to its own room; truncated flags."""
@@ -128,17 +128,7 @@ class Engine:
                 ids[i] = one["input_ids"]
                 if types is not None:
                     types[i] = one.get("token_type_ids", [0] * len(ids[i]))
-        t_max = max(len(x) for x in ids)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(rows), t_max), pad, dtype=torch.long)  # (B, T)
-        attention = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
-        token_types = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention[i, : len(x)] = 1
-            if types is not None:
-                token_types[i, : len(x)] = torch.tensor(types[i])
-        return input_ids, attention, token_types, truncated
+        return (*right_pad(ids, types, tok.pad_token_id), truncated)  # (B, T) x 3
 
     def _virtual(self, rows: list[Row], groups: dict[str, list[int]]) -> VirtualTokens:
         """Gather each row's prefix K/V (padded to the longest) and prompt (padded)."""

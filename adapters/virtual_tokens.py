@@ -54,6 +54,26 @@ def max_text_tokens(model, num_virtual_tokens: int) -> int:
     return int(model.config.max_position_embeddings) - position_offset(model) - int(num_virtual_tokens)
 
 
+def text_room(model, num_virtual_tokens: int, max_length: int | None = None) -> int:
+    """Real tokens (specials included) a row keeps after its virtual tokens, capped by ``max_length``."""
+    room = max_text_tokens(model, num_virtual_tokens)
+    return min(room, max_length) if max_length else room
+
+
+def right_pad(ids: list[list[int]], types: list[list[int]] | None, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Token lists -> right-padded (input_ids, attention_mask, token_type_ids), each (B, T), as :func:`encode` wants."""
+    t_max = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), t_max), pad_id, dtype=torch.long)  # (B, T)
+    attention = torch.zeros((len(ids), t_max), dtype=torch.long)  # (B, T)
+    token_types = torch.zeros((len(ids), t_max), dtype=torch.long)  # (B, T)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        attention[i, : len(x)] = 1
+        if types is not None:
+            token_types[i, : len(types[i])] = torch.tensor(types[i])
+    return input_ids, attention, token_types
+
+
 def prefix_to_kv(prefix: Tensor, layers: int, heads: int) -> Tensor:
     """PEFT's flat prefix ``(P, layers*2*hidden)`` -> ``(layers, 2, heads, P, head_dim)``.
 

@@ -13,7 +13,8 @@ from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchErro
 from prefixserve.adapters.format import load_packed
 from prefixserve.adapters.peft_io import unpack
 from prefixserve.trainer.data import Example, load_datasets, read_examples
-from prefixserve.trainer.model import AdapterModel, collate, text_room, tokenize
+from prefixserve.adapters.virtual_tokens import text_room
+from prefixserve.trainer.model import AdapterModel, collate, tokenize
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 

@@ -26,7 +26,7 @@ from prefixserve.adapters.format import dump_packed
 from prefixserve.adapters.heads import ClassificationHead, expected_head_style
 from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
 from prefixserve.adapters.prompt import PromptConfig, PromptEncoder
-from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv
+from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, right_pad
 
 
 class AdapterModel(nn.Module):
@@ -159,12 +159,6 @@ def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator)
 
 
 # ---- tokenisation and batches -------------------------------------------------------------------
-def text_room(encoder: nn.Module, num_virtual_tokens: int, max_length: int | None) -> int:
-    """Real tokens (specials included) a row may keep: the engine's rule."""
-    room = max_text_tokens(encoder, num_virtual_tokens)
-    return min(room, max_length) if max_length else room
-
-
 def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[list[int], list[int], int]]:
     """[(input_ids, token_type_ids, label_index)] truncated to ``room`` like the engine does."""
     index = {name: i for i, name in enumerate(labels)}
@@ -184,14 +178,7 @@ def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[li
 
 def collate(rows, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Right-pad to the longest row: (input_ids, attention_mask, token_type_ids) (B, T), labels (B,)."""
-    t_max = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), t_max), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
-    types = torch.zeros((len(rows), t_max), dtype=torch.long)  # (B, T)
-    for i, (x, t, _) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-        types[i, : len(t)] = torch.tensor(t)
+    ids, mask, types = right_pad([r[0] for r in rows], [r[1] for r in rows], pad_id)  # (B, T) x 3
     labels = torch.tensor([r[2] for r in rows], dtype=torch.long)  # (B,)
     return ids.to(device), mask.to(device), types.to(device), labels.to(device)
 

@@ -113,7 +113,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
     from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv
 
-    from .model import text_room
+    from prefixserve.adapters.virtual_tokens import text_room
 
     started = time.time()
     torch.manual_seed(cfg.seed)

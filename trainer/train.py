@@ -173,7 +173,9 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     from prefixserve.adapters.backbone import load_backbone
 
     from .data import load_datasets
-    from .model import AdapterModel, batches, text_room, tokenize
+    from prefixserve.adapters.virtual_tokens import text_room
+
+    from .model import AdapterModel, batches, tokenize
     from .pretrain import load_prefix_init
 
     if cfg.kind not in ("prefix", "prompt", None):
