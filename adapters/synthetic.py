@@ -107,3 +107,35 @@ def make_backbone(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_adapter(config, fingerprint: str, *, kind: str = "prefix", num_virtual_tokens: int = 20,
+                   labels=("negative", "positive"), seed: int = 0, base_model: str = "") -> bytes:
+    """A valid packed adapter with seeded random virtual tokens and head, for ``config``'s backbone.
+
+    ``config`` is the backbone's HF config (hidden size, layers, heads, model type). UNTRAINED: for
+    benchmarks, tests and the quickstart demo, never for real predictions.
+    """
+    import torch
+
+    from .backbone import ROBERTA_LIKE
+    from .format import VIRTUAL_KEY, dump_packed
+    from .heads import PEFT_HEAD_PREFIX
+    from .prefix import PrefixConfig
+    from .prompt import PromptConfig
+
+    if kind not in ("prefix", "prompt"):
+        raise ValueError(f"kind must be prefix or prompt, got {kind!r}")
+    hidden, c = config.hidden_size, len(labels)
+    dims = dict(num_virtual_tokens=num_virtual_tokens, token_dim=hidden, num_layers=config.num_hidden_layers,
+                num_attention_heads=config.num_attention_heads)
+    cfg = PrefixConfig(**dims) if kind == "prefix" else PromptConfig(**dims)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {VIRTUAL_KEY: torch.randn(num_virtual_tokens, cfg.width, generator=g) * 0.5}  # (P, width)
+    if getattr(config, "model_type", "") in ROBERTA_LIKE:  # dense (H, H) + out_proj (C, H)
+        head = {"dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02, "dense.bias": torch.zeros(hidden),
+                "out_proj.weight": torch.randn(c, hidden, generator=g) * 0.02, "out_proj.bias": torch.zeros(c)}
+    else:  # BERT: linear (C, H) over the backbone's shared pooler
+        head = {"weight": torch.randn(c, hidden, generator=g) * 0.02, "bias": torch.zeros(c)}
+    tensors.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})
+    return dump_packed(cfg.to_peft_dict(base_model), tensors, list(labels), fingerprint)

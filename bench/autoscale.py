@@ -27,29 +27,13 @@ TEXTS = ["great film 최고", "bad plot and terrible actors", "정말 재미 있
 
 
 def make_adapters(backbone, n_per_tenant: int = 3):
-    """Random prefix and prompt adapters (packed bytes) for the loaded backbone."""
-    import torch
+    """Random prefix and prompt adapters (packed bytes) for the loaded backbone, per (tenant, prefix id)."""
+    from prefixserve.adapters.synthetic import random_adapter
 
-    from prefixserve.adapters.format import dump_packed
-    from prefixserve.adapters.heads import ClassificationHead, expected_head_style
-    from prefixserve.adapters.prefix import PrefixConfig
-    from prefixserve.adapters.prompt import PromptConfig
-
-    c = backbone.config
-    out = {}
-    for t, tenant in enumerate(("acme", "globex")):
-        for k in range(n_per_tenant):
-            torch.manual_seed(100 * t + k)
-            p = 4 + 3 * k
-            dims = dict(num_virtual_tokens=p, token_dim=c.hidden_size, num_layers=c.num_hidden_layers,
-                        num_attention_heads=c.num_attention_heads)
-            cfg = PrefixConfig(**dims) if k % 2 == 0 else PromptConfig(**dims)
-            virtual = torch.randn(p, cfg.width)
-            head = ClassificationHead(c.hidden_size, 2 + k, expected_head_style(backbone.model))
-            tensors = {"prompt_embeddings": virtual, **head.peft_state()}
-            labels = [f"l{i}" for i in range(2 + k)]
-            out[(tenant, f"task{k}")] = dump_packed(cfg.to_peft_dict(), tensors, labels, backbone.fingerprint)
-    return out
+    return {(tenant, f"task{k}"): random_adapter(
+                backbone.config, backbone.fingerprint, kind="prefix" if k % 2 == 0 else "prompt",
+                num_virtual_tokens=4 + 3 * k, labels=[f"l{i}" for i in range(2 + k)], seed=100 * t + k)
+            for t, tenant in enumerate(("acme", "globex")) for k in range(n_per_tenant)}
 
 
 def expected_answers(backbone, adapters) -> dict:

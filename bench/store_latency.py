@@ -26,26 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_adapter(p: int = 20, layers: int = 12, hidden: int = 768, heads: int = 12, labels=("neg", "pos")) -> bytes:
-    import torch
+def make_adapter(p: int = 20, labels=("neg", "pos")) -> bytes:
+    """A P=20 prefix adapter at klue/roberta-base's shape (RobertaConfig's defaults: 12 x 768, 12 heads)."""
+    from transformers import RobertaConfig
 
-    g = torch.Generator().manual_seed(0)
-    config = {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": p, "token_dim": hidden,
-              "num_layers": layers, "num_attention_heads": heads}
-    tensors = {
-        "prompt_embeddings": torch.randn(p, layers * 2 * hidden, generator=g),  # (P, layers*2*H) prefix K/V
-        "base_model.classifier.dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02,  # (H, H)
-        "base_model.classifier.dense.bias": torch.zeros(hidden),  # (H,)
-        "base_model.classifier.out_proj.weight": torch.randn(len(labels), hidden, generator=g) * 0.02,  # (C, H)
-        "base_model.classifier.out_proj.bias": torch.zeros(len(labels)),  # (C,)
-    }
-    try:
-        from prefixserve.adapters.format import dump_packed
-    except ImportError:  # format module not available: plain safetensors bytes
-        from safetensors.torch import save
+    from prefixserve.adapters.synthetic import random_adapter
 
-        return save(tensors)
-    return dump_packed(config, tensors, list(labels), "sha256:bench-klue-roberta-base")
+    return random_adapter(RobertaConfig(), "sha256:bench-klue-roberta-base", num_virtual_tokens=p, labels=labels)
 
 
 def start_redis(workdir: str) -> tuple[subprocess.Popen, str]:

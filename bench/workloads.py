@@ -13,35 +13,15 @@ from pathlib import Path
 import torch
 
 from prefixserve.adapters.engine import Engine, Row
-from prefixserve.adapters.format import dump_packed
-from prefixserve.adapters.heads import PEFT_HEAD_PREFIX
-from prefixserve.adapters.prefix.config import PrefixConfig
-from prefixserve.adapters.prompt.config import PromptConfig
+from prefixserve.adapters.synthetic import random_adapter
 
 NUM_LABELS = 2
 
 
 def random_packed(backbone, kind: str, p: int, seed: int, num_labels: int = NUM_LABELS) -> bytes:
     """A valid packed adapter with seeded random virtual tokens and its own random head."""
-    c = backbone.config
-    hidden, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
-    g = torch.Generator().manual_seed(seed)
-    if kind == "prefix":
-        cfg = PrefixConfig(num_virtual_tokens=p, num_layers=layers, num_attention_heads=heads, token_dim=hidden)
-    elif kind == "prompt":
-        cfg = PromptConfig(num_virtual_tokens=p, token_dim=hidden, num_layers=layers, num_attention_heads=heads)
-    else:
-        raise ValueError(f"kind must be prefix or prompt, got {kind!r}")
-    tensors = {"prompt_embeddings": torch.randn(p, cfg.width, generator=g) * 0.5}  # (P, width)
-    if backbone.spec.head_style == "roberta":  # dense (H, H) + out_proj (C, H)
-        head = {"dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02, "dense.bias": torch.zeros(hidden),
-                "out_proj.weight": torch.randn(num_labels, hidden, generator=g) * 0.02,
-                "out_proj.bias": torch.zeros(num_labels)}
-    else:  # BERT: linear (C, H) over the shared pooler
-        head = {"weight": torch.randn(num_labels, hidden, generator=g) * 0.02, "bias": torch.zeros(num_labels)}
-    tensors.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})
-    labels = [f"label{i}" for i in range(num_labels)]
-    return dump_packed(cfg.to_peft_dict(backbone.name), tensors, labels, backbone.fingerprint)
+    return random_adapter(backbone.config, backbone.fingerprint, kind=kind, num_virtual_tokens=p,
+                          labels=[f"label{i}" for i in range(num_labels)], seed=seed, base_model=backbone.name)
 
 
 def raw_tensor_bytes(packed: bytes) -> int:

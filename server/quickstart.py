@@ -57,24 +57,13 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 
 def demo_adapter(backbone_path: str, fingerprint: str, *, num_virtual_tokens: int = 8, seed: int = 0) -> bytes:
     """An UNTRAINED demo prefix + 2-label head for this backbone (random init, seeded)."""
-    import torch
     from transformers import AutoConfig
 
-    from prefixserve.adapters.backbone import ROBERTA_LIKE
-    from prefixserve.adapters.format import VIRTUAL_KEY, dump_packed
-    from prefixserve.adapters.heads import ClassificationHead
+    from prefixserve.adapters.synthetic import random_adapter
 
-    c = AutoConfig.from_pretrained(backbone_path)
-    torch.manual_seed(seed)
-    style = "roberta" if c.model_type in ROBERTA_LIKE else "bert"
-    head = ClassificationHead(c.hidden_size, 2, style)
-    virtual = torch.randn(num_virtual_tokens, c.num_hidden_layers * 2 * c.hidden_size) * 0.5  # (P, layers*2*H)
-    config = {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": num_virtual_tokens,
-              "token_dim": c.hidden_size, "num_layers": c.num_hidden_layers,
-              "num_attention_heads": c.num_attention_heads, "num_transformer_submodules": 1,
-              "prefix_projection": False, "inference_mode": True,
-              "base_model_name_or_path": "prefixserve-demo (UNTRAINED, random init)"}
-    return dump_packed(config, {VIRTUAL_KEY: virtual, **head.peft_state()}, ["negative", "positive"], fingerprint)
+    return random_adapter(AutoConfig.from_pretrained(backbone_path), fingerprint, num_virtual_tokens=num_virtual_tokens,
+                          labels=("negative", "positive"), seed=seed,
+                          base_model="prefixserve-demo (UNTRAINED, random init)")
 
 
 def _write_secret(path: Path, text: str) -> None:
