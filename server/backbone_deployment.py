@@ -187,18 +187,14 @@ class Backbone:
         t0 = time.perf_counter()
         try:
             preds = self.engine.predict(batch)  # ONE forward for all rows: B = len(rows)
-            out = [_prediction(p) for p in preds]
+            out = [p.to_dict() for p in preds]  # label, score, scores, truncated
         except Exception:
             log.exception("batch of %d failed; retrying row by row", len(batch))
             out = []
             for row in batch:
                 try:
-                    out.append(_prediction(self.engine.predict([row])[0]))
+                    out.append(self.engine.predict([row])[0].to_dict())
                 except Exception as exc:
                     out.append(error_dict(exc))
         self.stats.batch(len(batch), len({r.adapter.key for r in batch}), time.perf_counter() - t0)
         return out
-
-
-def _prediction(p) -> dict:
-    return {"label": p.label, "score": p.score, "scores": p.scores, "truncated": p.truncated}
