@@ -37,9 +37,9 @@ def make_adapter(p: int = 20, labels=("neg", "pos")) -> bytes:
 
 def start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from prefixserve.server.app import free_port
+
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir,
                              "--appendonly", "yes", "--appendfsync", "everysec"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
