@@ -105,29 +105,31 @@ class Engine:
         return text_room(self.model, adapter.length, self.max_length)
 
     def _tokenize(self, rows: list[Row]):
-        """Right-padded ids (B, T) with each row truncated to its own room; truncated flags."""
+        """Right-padded ids (B, T) with each row truncated to its own room; truncated flags.
+
+        Single texts and pairs are tokenized in one call per group; only rows longer than their
+        adapter's room are tokenized a second time, with truncation (which also tells us they were cut).
+        """
         tok = self.tokenizer
-        texts = [r.text for r in rows]
-        pairs = [r.text_pair for r in rows]
-        has_pair = any(p is not None for p in pairs)
-        args = (texts, [p or "" for p in pairs]) if has_pair else (texts,)
-        enc = tok(*args, truncation=False, add_special_tokens=True)
-        ids, types = enc["input_ids"], enc.get("token_type_ids")
-        truncated = [False] * len(rows)
-        for i, row in enumerate(rows):
-            room = self.room(row.adapter)
-            if len(ids[i]) > room:
-                one = tok(*( (texts[i], pairs[i]) if pairs[i] is not None else (texts[i],) ),
-                          truncation=True, max_length=room)
-                ids[i] = one["input_ids"]
-                if types is not None:
-                    types[i] = one.get("token_type_ids", [0] * len(ids[i]))
-                truncated[i] = True
-            elif has_pair and pairs[i] is None:  # the batch call gave this row an empty pair
-                one = tok(texts[i])
-                ids[i] = one["input_ids"]
-                if types is not None:
-                    types[i] = one.get("token_type_ids", [0] * len(ids[i]))
+        ids: list[list[int]] = [[] for _ in rows]
+        types: list[list[int]] = [[] for _ in rows]
+
+        def tokenize(idx: list[int], **kw) -> None:
+            args = ([rows[i].text for i in idx],) if all(rows[i].text_pair is None for i in idx) else (
+                [rows[i].text for i in idx], [rows[i].text_pair for i in idx])
+            enc = tok(*args, **kw)
+            for j, i in enumerate(idx):
+                ids[i] = enc["input_ids"][j]
+                types[i] = enc["token_type_ids"][j] if "token_type_ids" in enc else [0] * len(ids[i])
+
+        for group in ([i for i, r in enumerate(rows) if r.text_pair is None],
+                      [i for i, r in enumerate(rows) if r.text_pair is not None]):
+            if group:
+                tokenize(group, truncation=False)
+        truncated = [len(ids[i]) > self.room(r.adapter) for i, r in enumerate(rows)]
+        for i, r in enumerate(rows):
+            if truncated[i]:  # rooms differ per adapter: one call per overlong row
+                tokenize([i], truncation=True, max_length=self.room(r.adapter))
         return (*right_pad(ids, types, tok.pad_token_id), truncated)  # (B, T) x 3
 
     def _virtual(self, rows: list[Row], groups: dict[str, list[int]]) -> VirtualTokens:
