@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -117,6 +116,15 @@ def bench_store(name: str, url: str, data: bytes, n_put: int, n_get: int, progre
     return {op: percentiles(v) for op, v in timings.items()}
 
 
+def bench_machine() -> dict:
+    """The shared machine description (CPU model, cores, load, torch/transformers versions, git)."""
+    import torch
+
+    from bench.common import machine
+
+    return machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
                            "threshold": 5.0, "op": "<=", "unit": "ms", "met": results[b]["cold"]["p99_ms"] <= 5.0,
                            "margin": 5.0 - results[b]["cold"]["p99_ms"], "note": "get + validate + to device"}
                           for b in results],
-              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}}
+              "machine": bench_machine()}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"adapter {len(data) / 2**20:.2f} MiB; validation alone {validate_ms:.1f} ms (included in put)")
