@@ -11,6 +11,7 @@ Decisions:
   (``.prefixserve-fingerprint.json``, keyed by file sizes and mtimes) because hashing ~0.5 GB
   takes a second or two.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,11 +32,28 @@ log = logging.getLogger(__name__)
 
 ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
 SUPPORTED = ROBERTA_LIKE | {"bert"}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "vocab_size", "type_vocab_size", "pad_token_id", "layer_norm_eps",
-                "hidden_act", "position_embedding_type")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "vocab_size",
+    "type_vocab_size",
+    "pad_token_id",
+    "layer_norm_eps",
+    "hidden_act",
+    "position_embedding_type",
+)
 _SIDECAR = ".prefixserve-fingerprint.json"
 MIN_TEXT_TOKENS = 8  # an adapter must leave at least this many positions for real tokens
 
@@ -57,8 +75,11 @@ class Backbone:
     def spec(self) -> BackboneSpec:
         c = self.config
         return BackboneSpec(
-            fingerprint=self.fingerprint, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
-            hidden=c.hidden_size, head_style=expected_head_style(self.model),
+            fingerprint=self.fingerprint,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            hidden=c.hidden_size,
+            head_style=expected_head_style(self.model),
             max_virtual_tokens=max_text_tokens(self.model, 0) - MIN_TEXT_TOKENS,
         )
 

@@ -4,12 +4,14 @@ Hot adapters stay on the device so a batch does not copy them host->device every
 include the version (``tenant/prefix@v3``), so a new version is a new entry and the old one just
 ages out (or is dropped eagerly by :meth:`invalidate` on a change-feed event).
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

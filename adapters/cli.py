@@ -1,4 +1,5 @@
 """Sub-commands ``pack``, ``unpack``, ``inspect``, ``predict`` (adapter files and the offline batch job)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ def _pack(args) -> int:
     from .peft_io import pack_folder
 
     fingerprint = args.fingerprint or (load_backbone(args.backbone).fingerprint if args.backbone else None)
-    labels = json.loads(args.labels) if args.labels and args.labels.lstrip().startswith("[") else (
-        args.labels.split(",") if args.labels else None)
+    labels = (
+        json.loads(args.labels)
+        if args.labels and args.labels.lstrip().startswith("[")
+        else (args.labels.split(",") if args.labels else None)
+    )
     data = pack_folder(args.peft_dir, labels=labels, fingerprint=fingerprint)
     with open(args.output, "wb") as f:
         f.write(data)
@@ -45,9 +49,13 @@ def _predict(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("pack", formatter_class=fmt, help="PEFT folder -> one packed .safetensors adapter",
-                       description="Pack the folder PeftModel.save_pretrained wrote (adapter_config.json + "
-                       "adapter_model.safetensors) into one validated prefixserve adapter file.")
+    p = sub.add_parser(
+        "pack",
+        formatter_class=fmt,
+        help="PEFT folder -> one packed .safetensors adapter",
+        description="Pack the folder PeftModel.save_pretrained wrote (adapter_config.json + "
+        "adapter_model.safetensors) into one validated prefixserve adapter file.",
+    )
     p.add_argument("peft_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     p.add_argument("-o", "--output", required=True, help="packed .safetensors to write")
     p.add_argument("--backbone", help="hub id or folder of the backbone (its fingerprint is recorded)")
@@ -55,9 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="label names: 'neg,pos' or a JSON list (default LABEL_0..)")
     p.set_defaults(func=_pack)
 
-    p = sub.add_parser("unpack", formatter_class=fmt, help="packed adapter -> PEFT folder",
-                       description="Write a folder PeftModel.from_pretrained loads, plus prefixserve.json "
-                       "(labels, fingerprint) so that packing it again is lossless.")
+    p = sub.add_parser(
+        "unpack",
+        formatter_class=fmt,
+        help="packed adapter -> PEFT folder",
+        description="Write a folder PeftModel.from_pretrained loads, plus prefixserve.json "
+        "(labels, fingerprint) so that packing it again is lossless.",
+    )
     p.add_argument("file", help="packed .safetensors adapter")
     p.add_argument("-o", "--output", required=True, help="folder to write")
     p.set_defaults(func=_unpack)
@@ -66,11 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("predict", formatter_class=fmt, help="offline batch job over a JSONL file",
-                       description="Each input line {\"adapter\": PATH, \"text\": ..., \"text_pair\": ...?} gives "
-                       "one output line {label, score, scores, logits, truncated} or {error: {code, message}}, "
-                       "in input order. Rows of different adapters share each forward pass. Exit status is "
-                       "non-zero only if no line could be answered.")
+    p = sub.add_parser(
+        "predict",
+        formatter_class=fmt,
+        help="offline batch job over a JSONL file",
+        description='Each input line {"adapter": PATH, "text": ..., "text_pair": ...?} gives '
+        "one output line {label, score, scores, logits, truncated} or {error: {code, message}}, "
+        "in input order. Rows of different adapters share each forward pass. Exit status is "
+        "non-zero only if no line could be answered.",
+    )
     p.add_argument("--backbone", required=True, help="hub id or local folder of the encoder")
     p.add_argument("--input", required=True, help="requests.jsonl, or - for stdin")
     p.add_argument("--output", help="output .jsonl (default stdout)")

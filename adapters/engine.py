@@ -5,6 +5,7 @@ adapter leaves) -> gather virtual tokens per row -> ONE :func:`virtual_tokens.en
 heads on their rows -> per-row predictions. No storage, HTTP or Ray here: callers resolve adapters
 (:meth:`Engine.adapter` caches them on the device) and hand over :class:`Row` objects.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -92,8 +93,7 @@ class Engine:
             virtual = prefix_to_kv(virtual, self._layers, self._heads)  # (layers, 2, heads, P, hd), a view
         head = ClassificationHead.from_tensors(adapter.head, copy=False).to(self.device, self.dtype).eval()
         head.requires_grad_(False)
-        nbytes = virtual.numel() * virtual.element_size() + sum(
-            p.numel() * p.element_size() for p in head.parameters())
+        nbytes = virtual.numel() * virtual.element_size() + sum(p.numel() * p.element_size() for p in head.parameters())
         return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)
 
     def adapter(self, key: str, load) -> DeviceAdapter:
@@ -115,15 +115,20 @@ class Engine:
         types: list[list[int]] = [[] for _ in rows]
 
         def tokenize(idx: list[int], **kw) -> None:
-            args = ([rows[i].text for i in idx],) if all(rows[i].text_pair is None for i in idx) else (
-                [rows[i].text for i in idx], [rows[i].text_pair for i in idx])
+            args = (
+                ([rows[i].text for i in idx],)
+                if all(rows[i].text_pair is None for i in idx)
+                else ([rows[i].text for i in idx], [rows[i].text_pair for i in idx])
+            )
             enc = tok(*args, **kw)
             for j, i in enumerate(idx):
                 ids[i] = enc["input_ids"][j]
                 types[i] = enc["token_type_ids"][j] if "token_type_ids" in enc else [0] * len(ids[i])
 
-        for group in ([i for i, r in enumerate(rows) if r.text_pair is None],
-                      [i for i, r in enumerate(rows) if r.text_pair is not None]):
+        for group in (
+            [i for i, r in enumerate(rows) if r.text_pair is None],
+            [i for i, r in enumerate(rows) if r.text_pair is not None],
+        ):
             if group:
                 tokenize(group, truncation=False)
         truncated = [len(ids[i]) > self.room(r.adapter) for i, r in enumerate(rows)]
@@ -179,6 +184,9 @@ class Engine:
             probs = torch.softmax(lg, dim=-1)  # (C,)
             labels = row.adapter.meta.labels
             best = int(torch.argmax(probs))
-            preds.append(Prediction(labels[best], float(probs[best]),
-                                    {lab: float(p) for lab, p in zip(labels, probs)}, lg.tolist(), tr))
+            preds.append(
+                Prediction(
+                    labels[best], float(probs[best]), {lab: float(p) for lab, p in zip(labels, probs)}, lg.tolist(), tr
+                )
+            )
         return preds

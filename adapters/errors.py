@@ -3,6 +3,7 @@
 Every layer (format, store, engine, server, CLI) raises these; the server turns them into
 ``{"error": {"code": ..., "message": ...}}`` and the batch job writes them on the failing line.
 """
+
 from __future__ import annotations
 
 

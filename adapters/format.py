@@ -17,6 +17,7 @@ dtypes, offsets inside the file, shapes consistent with the config and the head,
 ``num_virtual_tokens`` within a limit, label count equal to the head's outputs, total size cap.
 Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -120,7 +121,7 @@ def _read_header(data: bytes, limits: Limits) -> dict:
     if n > limits.max_header_bytes or n > len(data) - 8:
         raise _bad(f"safetensors header length {n} exceeds the cap or the file", "header_too_large")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"safetensors header is not valid JSON: {exc}", "bad_header") from None
     if not isinstance(header, dict):
@@ -133,8 +134,12 @@ def _read_header(data: bytes, limits: Limits) -> dict:
             dtype = entry.get("dtype") if isinstance(entry, dict) else entry
             raise _bad(f"tensor {name!r} has dtype {dtype!r}; allowed: F32, F16, BF16", "bad_dtype")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2):
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+        ):
             raise _bad(f"tensor {name!r} has a malformed shape or offsets", "bad_header")
         start, end = offsets
         if not (0 <= start <= end <= body) or end - start != math.prod(shape) * _ITEMSIZE[entry["dtype"]]:
@@ -144,7 +149,9 @@ def _read_header(data: bytes, limits: Limits) -> dict:
 
 def _json_meta(meta: dict, key: str):
     if key not in meta:
-        raise _bad(f"metadata is missing {key!r} (not a prefixserve adapter? use `prefixserve pack`)", "missing_metadata")
+        raise _bad(
+            f"metadata is missing {key!r} (not a prefixserve adapter? use `prefixserve pack`)", "missing_metadata"
+        )
     try:
         return json.loads(meta[key])
     except json.JSONDecodeError as exc:
@@ -155,14 +162,19 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
     """Shapes agree with the config and with each other; returns (kind, P, layers, heads, hidden, style)."""
     peft_type = config.get("peft_type")
     if peft_type not in KIND_OF_PEFT_TYPE:
-        raise _bad(f"peft_type {peft_type!r} is not served; use PREFIX_TUNING, PROMPT_TUNING or P_TUNING", "unsupported_peft_type")
+        raise _bad(
+            f"peft_type {peft_type!r} is not served; use PREFIX_TUNING, PROMPT_TUNING or P_TUNING",
+            "unsupported_peft_type",
+        )
     if config.get("task_type") not in (None, "SEQ_CLS"):
         raise _bad(f"task_type {config.get('task_type')!r} is not served; only SEQ_CLS", "unsupported_task")
     kind = KIND_OF_PEFT_TYPE[peft_type]
     extra = set(tensors) - {VIRTUAL_KEY} - {k for k in tensors if k.startswith(PEFT_HEAD_PREFIX)}
     if VIRTUAL_KEY not in tensors or extra:
-        raise _bad(f"expected {VIRTUAL_KEY!r} and classifier tensors; missing or unexpected: "
-                   f"{sorted(extra) or [VIRTUAL_KEY]}", "bad_tensors")
+        raise _bad(
+            f"expected {VIRTUAL_KEY!r} and classifier tensors; missing or unexpected: {sorted(extra) or [VIRTUAL_KEY]}",
+            "bad_tensors",
+        )
     virtual = tensors[VIRTUAL_KEY]
     if virtual.ndim != 2:
         raise _bad(f"{VIRTUAL_KEY} must be 2-D, got shape {tuple(virtual.shape)}", "shape_mismatch")
@@ -173,7 +185,9 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
         raise _bad(f"config num_virtual_tokens {config.get('num_virtual_tokens')} != tensor rows {p}", "shape_mismatch")
     hidden, layers, heads = config.get("token_dim"), config.get("num_layers"), config.get("num_attention_heads")
     if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads)) or hidden % heads:
-        raise _bad("config needs positive token_dim, num_layers, num_attention_heads (token_dim % heads == 0)", "bad_config")
+        raise _bad(
+            "config needs positive token_dim, num_layers, num_attention_heads (token_dim % heads == 0)", "bad_config"
+        )
     width = layers * 2 * hidden if kind == "prefix" else hidden
     if virtual.shape[1] != width:
         raise _bad(f"{VIRTUAL_KEY} width {virtual.shape[1]} != expected {width} for a {kind}", "shape_mismatch")
@@ -199,9 +213,13 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
 
 
 def _check_labels(labels, limits: Limits) -> list[str]:
-    if (not isinstance(labels, list) or not labels or len(labels) > limits.max_labels
-            or not all(isinstance(x, str) and 0 < len(x) <= limits.max_label_chars for x in labels)
-            or len(set(labels)) != len(labels)):
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or len(labels) > limits.max_labels
+        or not all(isinstance(x, str) and 0 < len(x) <= limits.max_label_chars for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
         raise _bad(f"labels must be a list of 1..{limits.max_labels} distinct non-empty strings", "bad_labels")
     return labels
 
@@ -210,15 +228,22 @@ def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
     """Raise unless an adapter fits the backbone (fingerprint first: it names both sides)."""
     if meta.fingerprint != spec.fingerprint:
         raise FingerprintMismatchError(
-            f"adapter was made for backbone {meta.fingerprint[:23]} but this server runs {spec.fingerprint[:23]}")
+            f"adapter was made for backbone {meta.fingerprint[:23]} but this server runs {spec.fingerprint[:23]}"
+        )
     if (meta.num_layers, meta.num_heads, meta.hidden) != (spec.num_layers, spec.num_heads, spec.hidden):
-        raise _bad(f"adapter shape (layers, heads, hidden)={(meta.num_layers, meta.num_heads, meta.hidden)} "
-                   f"!= backbone {(spec.num_layers, spec.num_heads, spec.hidden)}", "shape_mismatch")
+        raise _bad(
+            f"adapter shape (layers, heads, hidden)={(meta.num_layers, meta.num_heads, meta.hidden)} "
+            f"!= backbone {(spec.num_layers, spec.num_heads, spec.hidden)}",
+            "shape_mismatch",
+        )
     if meta.head_style != spec.head_style:
         raise _bad(f"adapter has a {meta.head_style}-style head; this backbone needs {spec.head_style}", "bad_head")
     if meta.num_virtual_tokens > spec.max_virtual_tokens:
-        raise _bad(f"num_virtual_tokens {meta.num_virtual_tokens} leaves no room for text "
-                   f"(max {spec.max_virtual_tokens} on this backbone)", "too_many_virtual_tokens")
+        raise _bad(
+            f"num_virtual_tokens {meta.num_virtual_tokens} leaves no room for text "
+            f"(max {spec.max_virtual_tokens} on this backbone)",
+            "too_many_virtual_tokens",
+        )
 
 
 def load_packed(data: bytes, *, expect: BackboneSpec | None = None, limits: Limits = DEFAULT_LIMITS) -> AdapterFile:
@@ -226,9 +251,13 @@ def load_packed(data: bytes, *, expect: BackboneSpec | None = None, limits: Limi
     header = _read_header(data, limits)
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
-        raise _bad(f"metadata 'format' must be {FORMAT!r} (use `prefixserve pack` on a PEFT folder)", "missing_metadata")
+        raise _bad(
+            f"metadata 'format' must be {FORMAT!r} (use `prefixserve pack` on a PEFT folder)", "missing_metadata"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise _bad(f"format_version {meta.get('format_version')!r} is not supported (want {FORMAT_VERSION})", "bad_version")
+        raise _bad(
+            f"format_version {meta.get('format_version')!r} is not supported (want {FORMAT_VERSION})", "bad_version"
+        )
     config = _json_meta(meta, "adapter_config")
     if not isinstance(config, dict):
         raise _bad("adapter_config must be a JSON object", "bad_config")
@@ -241,8 +270,19 @@ def load_packed(data: bytes, *, expect: BackboneSpec | None = None, limits: Limi
     except Exception as exc:  # safetensors raises its own error types
         raise _bad(f"unreadable safetensors payload: {exc}", "bad_tensors") from None
     kind, p, layers, heads, hidden, style = _check_tensors(config, tensors, labels, limits)
-    am = AdapterMeta(kind, config["peft_type"], p, tuple(labels), fingerprint, FORMAT_VERSION, len(data),
-                     layers, heads, hidden, style)
+    am = AdapterMeta(
+        kind,
+        config["peft_type"],
+        p,
+        tuple(labels),
+        fingerprint,
+        FORMAT_VERSION,
+        len(data),
+        layers,
+        heads,
+        hidden,
+        style,
+    )
     if expect is not None:
         check_compatible(am, expect)
     return AdapterFile(am, config, tensors)
@@ -258,8 +298,11 @@ def dump_packed(peft_config: dict, tensors: dict[str, Tensor], labels: list[str]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
     kind = KIND_OF_PEFT_TYPE.get(peft_config.get("peft_type"), "")
     metadata = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-        "adapter_config": json.dumps(peft_config, sort_keys=True), "labels": json.dumps(list(labels)),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "adapter_config": json.dumps(peft_config, sort_keys=True),
+        "labels": json.dumps(list(labels)),
         "backbone": fingerprint,
     }
     data = _canonical(st_save(tensors, metadata=metadata))
@@ -270,6 +313,6 @@ def dump_packed(peft_config: dict, tensors: dict[str, Tensor], labels: list[str]
 def _canonical(data: bytes) -> bytes:
     """Re-emit the header with sorted keys: safetensors orders metadata by a (randomised) hash map."""
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # keep the 8-byte alignment safetensors uses
-    return struct.pack("<Q", len(header)) + header + data[8 + n:]
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]

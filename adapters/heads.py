@@ -6,6 +6,7 @@
 Token 0 is [CLS] for a prefix row and the first virtual token for a prompt row, as in PEFT.
 Key names keep PEFT's ``base_model.classifier.`` prefix in files; here they are stripped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,14 +60,18 @@ class ClassificationHead(nn.Module):
     # PEFT key names <-> module parameters
     def peft_state(self) -> dict[str, Tensor]:
         if self.style == "roberta":
-            own = {"dense.weight": self.dense.weight, "dense.bias": self.dense.bias,
-                   "out_proj.weight": self.out_proj.weight, "out_proj.bias": self.out_proj.bias}
+            own = {
+                "dense.weight": self.dense.weight,
+                "dense.bias": self.dense.bias,
+                "out_proj.weight": self.out_proj.weight,
+                "out_proj.bias": self.out_proj.bias,
+            }
         else:
             own = {"weight": self.linear.weight, "bias": self.linear.bias}
         return {PEFT_HEAD_PREFIX + k: v.detach().clone().contiguous() for k, v in own.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], *, copy: bool = True) -> "ClassificationHead":
+    def from_tensors(cls, tensors: dict[str, Tensor], *, copy: bool = True) -> ClassificationHead:
         """Build from stripped head tensors (``dense.weight`` ... or ``weight``/``bias``).
 
         ``copy=False`` adopts the tensors (the engine does, with tensors freshly read from a file).
@@ -82,4 +87,4 @@ class ClassificationHead(nn.Module):
 
 def split_head(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The head's tensors of a PEFT state dict, with ``base_model.classifier.`` stripped."""
-    return {k[len(PEFT_HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_HEAD_PREFIX)}
+    return {k[len(PEFT_HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(PEFT_HEAD_PREFIX)}

@@ -9,6 +9,7 @@ Projected prefixes (``prefix_projection=True``): PEFT saves the *materialised* K
 file always holds ``prompt_embeddings`` of shape (P, layers*2*hidden) and loads in PEFT with
 ``inference_mode`` like any prefix.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def default_labels(tensors) -> list[str]:
     return [f"LABEL_{i}" for i in range(weight.shape[0])]
 
 
-def pack_parts(config_json: bytes, model_bytes: bytes, *, labels: list[str] | None = None,
-               fingerprint: str | None = None) -> bytes:
+def pack_parts(
+    config_json: bytes, model_bytes: bytes, *, labels: list[str] | None = None, fingerprint: str | None = None
+) -> bytes:
     """Pack the two files PEFT writes (as bytes, e.g. from an HTTP upload) into one adapter."""
     if len(model_bytes) > DEFAULT_LIMITS.max_bytes:
         raise InvalidAdapterError("adapter_model is larger than the size cap", code="adapter_too_large", status=413)
@@ -46,27 +48,37 @@ def pack_parts(config_json: bytes, model_bytes: bytes, *, labels: list[str] | No
     try:
         tensors = st_load(model_bytes)
     except Exception as exc:
-        raise InvalidAdapterError(f"adapter_model is not a readable safetensors file: {exc}", code="bad_tensors") from None
+        raise InvalidAdapterError(
+            f"adapter_model is not a readable safetensors file: {exc}", code="bad_tensors"
+        ) from None
     if not fingerprint:
         raise BadRequestError("a backbone fingerprint is required to pack (pass --backbone)")
     return dump_packed(config, tensors, labels or default_labels(tensors), fingerprint)
 
 
-def pack_folder(folder: str | Path, *, labels: list[str] | None = None, fingerprint: str | None = None,
-                default_fingerprint: str | None = None) -> bytes:
+def pack_folder(
+    folder: str | Path,
+    *,
+    labels: list[str] | None = None,
+    fingerprint: str | None = None,
+    default_fingerprint: str | None = None,
+) -> bytes:
     """Pack a PEFT folder. Fingerprint: explicit, else the sidecar's, else ``default_fingerprint``."""
     folder = Path(folder)
     if (folder / "adapter_model.bin").exists() and not (folder / "adapter_model.safetensors").exists():
-        raise InvalidAdapterError("adapter_model.bin (pickle) is refused; save with safe_serialization=True",
-                                  code="pickle_refused")
+        raise InvalidAdapterError(
+            "adapter_model.bin (pickle) is refused; save with safe_serialization=True", code="pickle_refused"
+        )
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise InvalidAdapterError(f"{folder} has no {name}", code="not_a_peft_folder")
     side = json.loads((folder / SIDECAR).read_text()) if (folder / SIDECAR).is_file() else {}
-    return pack_parts((folder / "adapter_config.json").read_bytes(),
-                      (folder / "adapter_model.safetensors").read_bytes(),
-                      labels=labels or side.get("labels"),
-                      fingerprint=fingerprint or side.get("backbone") or default_fingerprint)
+    return pack_parts(
+        (folder / "adapter_config.json").read_bytes(),
+        (folder / "adapter_model.safetensors").read_bytes(),
+        labels=labels or side.get("labels"),
+        fingerprint=fingerprint or side.get("backbone") or default_fingerprint,
+    )
 
 
 def unpack(adapter: AdapterFile | bytes, folder: str | Path) -> Path:
@@ -77,8 +89,9 @@ def unpack(adapter: AdapterFile | bytes, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(adapter.peft_config, indent=2, sort_keys=True))
     (folder / "adapter_model.safetensors").write_bytes(st_save(dict(sorted(adapter.tensors.items()))))
-    (folder / SIDECAR).write_text(json.dumps({"labels": list(adapter.meta.labels),
-                                              "backbone": adapter.meta.fingerprint}, indent=2))
+    (folder / SIDECAR).write_text(
+        json.dumps({"labels": list(adapter.meta.labels), "backbone": adapter.meta.fingerprint}, indent=2)
+    )
     return folder
 
 

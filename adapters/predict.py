@@ -5,11 +5,14 @@ gives one output line, in input order: the prediction (with raw logits) or
 ``{"error": {"code", "message"}}``. One bad line never sinks the others; the exit status is
 non-zero only if no line could be answered. Rows of different adapters share each forward pass.
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from .engine import Engine, Row
 from .errors import BadRequestError, PrefixServeError
@@ -57,8 +60,10 @@ def run(engine: Engine, lines: Iterable[str], batch_size: int = 32) -> Iterator[
             try:
                 obj = _parse(line, i + 1)
                 path = obj["adapter"]
-                adapter = engine.adapter(f"file:{path}", lambda path=path: read_adapter(
-                    path, default_fingerprint=engine.backbone.fingerprint))
+                adapter = engine.adapter(
+                    f"file:{path}",
+                    lambda path=path: read_adapter(path, default_fingerprint=engine.backbone.fingerprint),
+                )
                 pending.append((i, Row(adapter, obj["text"], obj.get("text_pair"))))
             except PrefixServeError as exc:
                 results[i] = exc.to_dict()
@@ -74,18 +79,26 @@ def run(engine: Engine, lines: Iterable[str], batch_size: int = 32) -> Iterator[
 
 
 def main(args) -> int:
-    from tqdm import tqdm
-
     from .backbone import load_backbone
 
     backbone = load_backbone(args.backbone, device=args.device, dtype=args.dtype)
     engine = Engine(backbone, max_length=args.max_length)
-    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
-    dst = sys.stdout if not args.output or args.output == "-" else open(args.output, "w", encoding="utf-8")
-    lines = src.read().splitlines()
+    if args.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        with open(args.input, encoding="utf-8") as src:
+            lines = src.read().splitlines()
+    to_stdout = not args.output or args.output == "-"
+    with contextlib.nullcontext(sys.stdout) if to_stdout else open(args.output, "w", encoding="utf-8") as dst:
+        return _write(engine, lines, dst, args.batch_size)
+
+
+def _write(engine: Engine, lines: list[str], dst: TextIO, batch_size: int) -> int:
+    from tqdm import tqdm
+
     answered = failed = 0
     with tqdm(total=len(lines), desc="predict", unit="row", file=sys.stderr, disable=len(lines) < 64) as bar:
-        for result in run(engine, lines, batch_size=args.batch_size):
+        for result in run(engine, lines, batch_size=batch_size):
             dst.write(json.dumps(result, ensure_ascii=False) + "\n")
             failed += "error" in result
             answered += "error" not in result

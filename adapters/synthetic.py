@@ -6,18 +6,95 @@ is a WordPiece with ``do_lower_case=False`` (as KLUE's: lower-casing would strip
 NFD-decompose Hangul into jamo). RoBERTa follows klue/roberta-base: a BERT WordPiece vocabulary
 with ``[CLS]=0, [PAD]=1, [SEP]=2, [UNK]=3`` on a RoBERTa model.
 """
+
 from __future__ import annotations
 
 import string
 from pathlib import Path
 
 # A small vocabulary that covers English test sentences, digits and some Hangul syllables.
-_WORDS = (
-    "the a an is was this that it movie film good bad great terrible not very really fun boring "
-    "plot actor actors story love hate best worst ever i you we they and or but of to in on "
-    "for with at by from as be have has had do does did will would can could should time "
-    "영화 재미 있다 없다 정말 최고 최악 너무 좋다 싫다 배우 연기 스토리 감동 지루 하다 이 그 는 은 가 를"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "was",
+    "this",
+    "that",
+    "it",
+    "movie",
+    "film",
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "not",
+    "very",
+    "really",
+    "fun",
+    "boring",
+    "plot",
+    "actor",
+    "actors",
+    "story",
+    "love",
+    "hate",
+    "best",
+    "worst",
+    "ever",
+    "i",
+    "you",
+    "we",
+    "they",
+    "and",
+    "or",
+    "but",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "with",
+    "at",
+    "by",
+    "from",
+    "as",
+    "be",
+    "have",
+    "has",
+    "had",
+    "do",
+    "does",
+    "did",
+    "will",
+    "would",
+    "can",
+    "could",
+    "should",
+    "time",
+    "영화",
+    "재미",
+    "있다",
+    "없다",
+    "정말",
+    "최고",
+    "최악",
+    "너무",
+    "좋다",
+    "싫다",
+    "배우",
+    "연기",
+    "스토리",
+    "감동",
+    "지루",
+    "하다",
+    "이",
+    "그",
+    "는",
+    "은",
+    "가",
+    "를",
+]
 
 
 def _vocab(special_first: list[str], size_hint: int) -> list[str]:
@@ -57,8 +134,13 @@ def make_tokenizer(arch: str, size_hint: int = 512):
     )
     tok.decoder = decoders.WordPiece(prefix="##")
     return BertTokenizerFast(
-        tokenizer_object=tok, do_lower_case=False, unk_token="[UNK]", sep_token="[SEP]",
-        pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+        tokenizer_object=tok,
+        do_lower_case=False,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
     )
 
 
@@ -87,9 +169,13 @@ def make_backbone(
     tokenizer = make_tokenizer(arch, size_hint=min(vocab_size, 512))
     vocab_size = max(vocab_size, len(tokenizer))
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=intermediate or 4 * hidden,
-        max_position_embeddings=max_positions, hidden_dropout_prob=0.1,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
     torch.manual_seed(seed)
@@ -109,8 +195,16 @@ def make_backbone(
     return out
 
 
-def random_adapter(config, fingerprint: str, *, kind: str = "prefix", num_virtual_tokens: int = 20,
-                   labels=("negative", "positive"), seed: int = 0, base_model: str = "") -> bytes:
+def random_adapter(
+    config,
+    fingerprint: str,
+    *,
+    kind: str = "prefix",
+    num_virtual_tokens: int = 20,
+    labels=("negative", "positive"),
+    seed: int = 0,
+    base_model: str = "",
+) -> bytes:
     """A valid packed adapter with seeded random virtual tokens and head, for ``config``'s backbone.
 
     ``config`` is the backbone's HF config (hidden size, layers, heads, model type). UNTRAINED: for
@@ -127,14 +221,22 @@ def random_adapter(config, fingerprint: str, *, kind: str = "prefix", num_virtua
     if kind not in ("prefix", "prompt"):
         raise ValueError(f"kind must be prefix or prompt, got {kind!r}")
     hidden, c = config.hidden_size, len(labels)
-    dims = dict(num_virtual_tokens=num_virtual_tokens, token_dim=hidden, num_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads)
+    dims = dict(
+        num_virtual_tokens=num_virtual_tokens,
+        token_dim=hidden,
+        num_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+    )
     cfg = PrefixConfig(**dims) if kind == "prefix" else PromptConfig(**dims)
     g = torch.Generator().manual_seed(seed)
     tensors = {VIRTUAL_KEY: torch.randn(num_virtual_tokens, cfg.width, generator=g) * 0.5}  # (P, width)
     if getattr(config, "model_type", "") in ROBERTA_LIKE:  # dense (H, H) + out_proj (C, H)
-        head = {"dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02, "dense.bias": torch.zeros(hidden),
-                "out_proj.weight": torch.randn(c, hidden, generator=g) * 0.02, "out_proj.bias": torch.zeros(c)}
+        head = {
+            "dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02,
+            "dense.bias": torch.zeros(hidden),
+            "out_proj.weight": torch.randn(c, hidden, generator=g) * 0.02,
+            "out_proj.bias": torch.zeros(c),
+        }
     else:  # BERT: linear (C, H) over the backbone's shared pooler
         head = {"weight": torch.randn(c, hidden, generator=g) * 0.02, "bias": torch.zeros(c)}
     tensors.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})

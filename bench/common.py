@@ -8,6 +8,7 @@ Decisions:
 * The default backbone is a seeded random klue/roberta-base-shaped model (nothing is downloaded);
   ``--backbone NAME`` runs the real checkpoint instead (e.g. on a GPU box with a model cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -31,8 +32,47 @@ SHAPES = {
     "tiny": dict(hidden=32, layers=2, heads=4, max_positions=514, vocab_size=512),  # smoke tests only
 }
 # English words the synthetic WordPiece vocabulary holds whole (one token each).
-_WORDS = ("the movie film good bad great terrible not very really fun boring plot actor story love hate "
-          "best worst ever and but of to in on for with at by from as have has had do does will would").split()
+_WORDS = [
+    "the",
+    "movie",
+    "film",
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "not",
+    "very",
+    "really",
+    "fun",
+    "boring",
+    "plot",
+    "actor",
+    "story",
+    "love",
+    "hate",
+    "best",
+    "worst",
+    "ever",
+    "and",
+    "but",
+    "of",
+    "to",
+    "in",
+    "on",
+    "for",
+    "with",
+    "at",
+    "by",
+    "from",
+    "as",
+    "have",
+    "has",
+    "had",
+    "do",
+    "does",
+    "will",
+    "would",
+]
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -41,13 +81,22 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: bench/results)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (median reported)")
-    p.add_argument("--backbone", default=None,
-                   help="hub id or folder of a real backbone; default: seeded random klue/roberta-base shape")
-    p.add_argument("--shape", default="klue", choices=sorted(SHAPES),
-                   help="synthetic backbone shape when --backbone is not given ('tiny' is for smoke tests)")
-    p.add_argument("--cache-dir", default=os.environ.get("PREFIXSERVE_BENCH_CACHE",
-                                                          str(Path.home() / ".cache" / "prefixserve" / "bench")),
-                   help="where synthetic backbones are built once and reused")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="hub id or folder of a real backbone; default: seeded random klue/roberta-base shape",
+    )
+    p.add_argument(
+        "--shape",
+        default="klue",
+        choices=sorted(SHAPES),
+        help="synthetic backbone shape when --backbone is not given ('tiny' is for smoke tests)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("PREFIXSERVE_BENCH_CACHE", str(Path.home() / ".cache" / "prefixserve" / "bench")),
+        help="where synthetic backbones are built once and reused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
@@ -68,6 +117,7 @@ def machine(device: torch.device) -> dict:
 
     try:
         import peft
+
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
@@ -76,17 +126,27 @@ def machine(device: torch.device) -> dict:
     except AttributeError:
         cores = os.cpu_count()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     info = {
-        "cpu": cpu_model(), "cores": cores, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft_version,
-        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git": commit,
     }
     return info
 
@@ -94,9 +154,11 @@ def machine(device: torch.device) -> dict:
 def machine_line(m: dict) -> str:
     dev = m["gpu"] or "CPU"
     load = "/".join(f"{x:.1f}" for x in m["load_avg"]) if m.get("load_avg") else "?"
-    return (f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, load avg {load}), "
-            f"device {m['device']} [{dev}], torch {m['torch']}, transformers {m['transformers']}, "
-            f"peft {m['peft']}, {m['date']}, git {m['git']}")
+    return (
+        f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, load avg {load}), "
+        f"device {m['device']} [{dev}], torch {m['torch']}, transformers {m['transformers']}, "
+        f"peft {m['peft']}, {m['date']}, git {m['git']}"
+    )
 
 
 def synthetic_backbone_dir(shape: str, cache_dir: str | Path) -> Path:
@@ -161,8 +223,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(variants: dict[str, Callable[[int], int]], reps: int, device: torch.device, *,
-                warmup: int = 1, desc: str = "", progress: bool = True, clock: str = "auto") -> dict[str, dict]:
+def interleaved(
+    variants: dict[str, Callable[[int], int]],
+    reps: int,
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    desc: str = "",
+    progress: bool = True,
+    clock: str = "auto",
+) -> dict[str, dict]:
     """Time every variant once per repetition, rotating the order each repetition.
 
     Each variant is ``fn(rep) -> sequences processed``. Returns ``{name: {"seconds": [...], "wall": [...],
@@ -205,7 +275,12 @@ def summarize(timed: dict[str, dict], baseline: str) -> dict[str, dict]:
     for name, t in timed.items():
         secs = t["seconds"]
         med = statistics.median(secs)
-        row = {"seqs_per_call": t["seqs"], "clock": t.get("clock", "wall"), "median_s": med, "seqs_per_s": t["seqs"] / med}
+        row = {
+            "seqs_per_call": t["seqs"],
+            "clock": t.get("clock", "wall"),
+            "median_s": med,
+            "seqs_per_s": t["seqs"] / med,
+        }
         for key, prefix in (("seconds", ""), ("wall", "wall_")):
             base = timed[baseline][key]
             ratios = [(t["seqs"] / s) / (timed[baseline]["seqs"] / b) for s, b in zip(t[key], base)]
@@ -224,13 +299,22 @@ def median_ratio(timed: dict[str, dict], num: str, den: str) -> float:
 
 
 # ---- targets and writers --------------------------------------------------------------------------
-def target(name: str, measured: float, threshold: float, *, higher_is_better: bool = True,
-           unit: str = "x", note: str = "") -> dict:
+def target(
+    name: str, measured: float, threshold: float, *, higher_is_better: bool = True, unit: str = "x", note: str = ""
+) -> dict:
     """A pass/fail line: met or not, and by how much (measured - threshold, signed so + is good)."""
     met = measured >= threshold if higher_is_better else measured <= threshold
     margin = measured - threshold if higher_is_better else threshold - measured
-    return {"name": name, "measured": measured, "threshold": threshold, "op": ">=" if higher_is_better else "<=",
-            "unit": unit, "met": bool(met), "margin": margin, "note": note}
+    return {
+        "name": name,
+        "measured": measured,
+        "threshold": threshold,
+        "op": ">=" if higher_is_better else "<=",
+        "unit": unit,
+        "met": bool(met),
+        "margin": margin,
+        "note": note,
+    }
 
 
 def fmt_target(t: dict) -> list[str]:
@@ -270,8 +354,16 @@ def write_markdown(out: str | Path, name: str, text: str) -> Path:
     return path
 
 
-def plot_lines(path: str | Path, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
-               title: str, logx: bool = True, hlines: dict[str, float] | None = None) -> Path:
+def plot_lines(
+    path: str | Path,
+    series: dict[str, tuple[list, list]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = True,
+    hlines: dict[str, float] | None = None,
+) -> Path:
     """One PNG with a line per series (matplotlib Agg: no display needed)."""
     import matplotlib
 

@@ -11,6 +11,7 @@ All throughput ratios are medians of per-repetition ratios. Adapters beyond ``--
 ``--max-resident-gb`` allows) are NOT resident: that is the cache-thrash case (misses load packed
 bytes held in host memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,31 +36,60 @@ def headline(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p)
-    p.add_argument("--full", action="store_true", help="full grid: P {10,20,50,200} x batch {1,8,32} x "
-                   "tokens {64,128} x kinds, distinct up to 10,000")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="full grid: P {10,20,50,200} x batch {1,8,32} x tokens {64,128} x kinds, distinct up to 10,000",
+    )
     p.add_argument("--kinds", nargs="+", default=["prefix", "prompt"], choices=["prefix", "prompt"])
     p.add_argument("--p", type=int, nargs="+", default=None, help="virtual token counts (default 20)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 32)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per text (default 64)")
-    p.add_argument("--distinct", type=int, nargs="+", default=None,
-                   help="distinct adapters per run (default 1 10 100 1000; quick 1 10 100)")
-    p.add_argument("--peft-tenants", type=int, nargs="+", default=None,
-                   help="PEFT tenant counts (default 1 10 100; [] with --no-peft)")
+    p.add_argument(
+        "--distinct",
+        type=int,
+        nargs="+",
+        default=None,
+        help="distinct adapters per run (default 1 10 100 1000; quick 1 10 100)",
+    )
+    p.add_argument(
+        "--peft-tenants",
+        type=int,
+        nargs="+",
+        default=None,
+        help="PEFT tenant counts (default 1 10 100; [] with --no-peft)",
+    )
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT baseline")
     p.add_argument("--no-one-at-a-time", action="store_true", help="skip the one-request-at-a-time variant")
-    p.add_argument("--adapters", type=int, default=1000,
-                   help="most adapters kept resident (larger --distinct values thrash the LRU cache)")
-    p.add_argument("--max-resident-gb", type=float, default=4.5,
-                   help="RAM/VRAM cap for resident adapters; lowers --adapters for large P")
+    p.add_argument(
+        "--adapters",
+        type=int,
+        default=1000,
+        help="most adapters kept resident (larger --distinct values thrash the LRU cache)",
+    )
+    p.add_argument(
+        "--max-resident-gb",
+        type=float,
+        default=4.5,
+        help="RAM/VRAM cap for resident adapters; lowers --adapters for large P",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the phase breakdown and torch.profiler table")
-    p.add_argument("--render-only", action="store_true",
-                   help="measure nothing: rewrite engine.md and the PNGs from <out>/engine.json")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rewrite engine.md and the PNGs from <out>/engine.json",
+    )
     args = p.parse_args(argv)
     if args.full:
-        args.p, args.batch, args.tokens = args.p or [10, 20, 50, 200], args.batch or [1, 8, 32], args.tokens or [64, 128]
+        args.p, args.batch, args.tokens = (
+            args.p or [10, 20, 50, 200],
+            args.batch or [1, 8, 32],
+            args.tokens or [64, 128],
+        )
         args.distinct = args.distinct or [1, 10, 100, 1000, 10000]
     args.p, args.batch, args.tokens = args.p or [20], args.batch or [32], args.tokens or [64]
     args.distinct = sorted(args.distinct or ([1, 10, 100] if args.quick else [1, 10, 100, 1000]))
@@ -94,19 +124,29 @@ def run_group(bb, name: str, args, kind: str, p: int, batch: int, tokens: int, t
     for n in peft_n:
         variants[f"peft-{n}"] = peft.variant(texts, batch, n)
     aset.kept.clear()
-    timed = common.interleaved(variants, args.reps, bb.device, desc=f"{kind} P={p} b={batch} t={tokens}",
-                               progress=progress, warmup=args.warmup)
+    timed = common.interleaved(
+        variants, args.reps, bb.device, desc=f"{kind} P={p} b={batch} t={tokens}", progress=progress, warmup=args.warmup
+    )
     summary = common.summarize(timed, "backbone-only")
     stats = aset.engine.cache.stats.to_dict()
     if peft is not None:
         peft.close()
-    result = {"kind": kind, "p": p, "batch": batch, "tokens": tokens, "resident_cap": resident,
-              "adapter_bytes": aset.adapter_bytes, "packed_bytes": aset.packed_bytes, "cache": stats,
-              "variants": summary, "timed": timed}
+    result = {
+        "kind": kind,
+        "p": p,
+        "batch": batch,
+        "tokens": tokens,
+        "resident_cap": resident,
+        "adapter_bytes": aset.adapter_bytes,
+        "packed_bytes": aset.packed_bytes,
+        "cache": stats,
+        "variants": summary,
+        "timed": timed,
+    }
     if peft_n and 100 in peft_n and "mixed-100" in timed:
         result["mixed100_vs_peft100"] = common.median_ratio(timed, "mixed-100", "peft-100")
     hi = max(d for d in args.distinct)
-    if f"mixed-10" in timed and hi > 10:
+    if "mixed-10" in timed and hi > 10:
         result["mixed_hi_vs_10"] = {"hi": hi, "ratio": common.median_ratio(timed, f"mixed-{hi}", "mixed-10")}
     del aset, peft, variants
     gc.collect()
@@ -140,8 +180,10 @@ def profile(bb, args, texts: list[str]) -> dict:
     @torch.inference_mode()
     def plain(rows):
         enc = clock("backbone: tokenize", lambda: tok([r.text for r in rows], padding=True, return_tensors="pt"))
-        clock("backbone: forward", lambda: model(input_ids=enc["input_ids"].to(dev),
-                                                 attention_mask=enc["attention_mask"].to(dev)))
+        clock(
+            "backbone: forward",
+            lambda: model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)),
+        )
 
     @torch.inference_mode()
     def once(rep):
@@ -154,12 +196,16 @@ def profile(bb, args, texts: list[str]) -> dict:
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
         vt = clock("engine: gather K/V", lambda: eng._virtual(rows, groups))
-        clock("engine: encode, no virtual tokens", lambda: encode(model, ids.to(dev), att.to(dev), types.to(dev),
-                                                                   VirtualTokens.none(len(rows), dev)))
+        clock(
+            "engine: encode, no virtual tokens",
+            lambda: encode(model, ids.to(dev), att.to(dev), types.to(dev), VirtualTokens.none(len(rows), dev)),
+        )
         out = clock("engine: encode with prefixes", lambda: encode(model, ids.to(dev), att.to(dev), types.to(dev), vt))
         pooler = getattr(model, "pooler", None)
-        clock("engine: heads", lambda: [rows[idx[0]].adapter.head(out.last_hidden_state[idx], pooler).cpu()
-                                         for idx in groups.values()])
+        clock(
+            "engine: heads",
+            lambda: [rows[idx[0]].adapter.head(out.last_hidden_state[idx], pooler).cpu() for idx in groups.values()],
+        )
         if rep % 2 != 0:
             plain(rows)
 
@@ -168,11 +214,15 @@ def profile(bb, args, texts: list[str]) -> dict:
         once(rep)
     phases = {k: statistics.median(v[1:]) for k, v in phases.items()}  # first call is warm-up
 
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     tables = {}
-    for label, fn in (("backbone-only", backbone_only(bb, texts, batch)), ("mixed", mixed(aset, texts, batch, distinct))):
+    for label, fn in (
+        ("backbone-only", backbone_only(bb, texts, batch)),
+        ("mixed", mixed(aset, texts, batch, distinct)),
+    ):
         with torch_profile(activities=acts) as prof:
             fn(0)
         tables[label] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
@@ -191,46 +241,97 @@ def targets(groups: list[dict], args) -> list[dict]:
     hi = max(args.distinct)
     ratio = g["variants"][f"mixed-{hi}"]["ratio_vs_backbone-only"]
     where = f"(b{h['batch']}, t{h['tokens']}, P{h['p']})"
-    out.append(common.target(f"mixed {hi} prefixes / backbone-only {where}", ratio, 0.97,
-                             note="" if hi >= 1000 else f"quick run: {hi} distinct stands in for 1,000"))
+    out.append(
+        common.target(
+            f"mixed {hi} prefixes / backbone-only {where}",
+            ratio,
+            0.97,
+            note="" if hi >= 1000 else f"quick run: {hi} distinct stands in for 1,000",
+        )
+    )
     if "mixed100_vs_peft100" in g:
         out.append(common.target(f"mixed-100 / PEFT switching at 100 tenants {where}", g["mixed100_vs_peft100"], 1.4))
     if "mixed_hi_vs_10" in g:
         drop = (1 - g["mixed_hi_vs_10"]["ratio"]) * 100
-        out.append(common.target(f"throughput drop 10 -> {g['mixed_hi_vs_10']['hi']} active adapters {where}", drop, 3.0,
-                                 higher_is_better=False, unit="%"))
+        out.append(
+            common.target(
+                f"throughput drop 10 -> {g['mixed_hi_vs_10']['hi']} active adapters {where}",
+                drop,
+                3.0,
+                higher_is_better=False,
+                unit="%",
+            )
+        )
     return out
 
 
 def report(result: dict, out: Path) -> None:
     m = result["machine"]
-    lines = ["# Engine throughput", "", f"Machine: {common.machine_line(m)}", "",
-             f"Command: `{result['command']}`  (reps={result['reps']}, wall {result['wall_s']:.0f} s)", "",
-             "Throughput ratios are medians of per-repetition ratios vs backbone-only timed in the same "
-             "repetition (variants interleaved, order rotated). On CPU the primary clock is process CPU "
-             "time (robust to other jobs on a shared box); wall-time ratios are shown beside it. "
-             "seq/s is context only.", ""]
+    lines = [
+        "# Engine throughput",
+        "",
+        f"Machine: {common.machine_line(m)}",
+        "",
+        f"Command: `{result['command']}`  (reps={result['reps']}, wall {result['wall_s']:.0f} s)",
+        "",
+        "Throughput ratios are medians of per-repetition ratios vs backbone-only timed in the same "
+        "repetition (variants interleaved, order rotated). On CPU the primary clock is process CPU "
+        "time (robust to other jobs on a shared box); wall-time ratios are shown beside it. "
+        "seq/s is context only.",
+        "",
+    ]
     if result["targets"]:
-        lines += ["## Targets", "", common.md_table(["target", "want", "measured", "status", "margin"],
-                                                   [common.fmt_target(t) for t in result["targets"]]), ""]
+        lines += [
+            "## Targets",
+            "",
+            common.md_table(
+                ["target", "want", "measured", "status", "margin"], [common.fmt_target(t) for t in result["targets"]]
+            ),
+            "",
+        ]
     for g in result["groups"]:
-        lines += [f"## {g['kind']}, P={g['p']}, batch {g['batch']}, {g['tokens']} tokens", "",
-                  f"Resident adapters: {g['resident_cap']} x {g['adapter_bytes'] / 2**20:.2f} MiB on the device "
-                  f"(packed file {g['packed_bytes'] / 2**20:.2f} MiB); cache {g['cache']}", ""]
-        rows = [[n, f"{v['seqs_per_s']:.2f}", f"{v['ratio_vs_backbone-only']:.3f}",
-                 f"{v['ratio_min']:.3f}-{v['ratio_max']:.3f}", f"{v['wall_ratio_vs_backbone-only']:.3f}"]
-                for n, v in g["variants"].items()]
+        lines += [
+            f"## {g['kind']}, P={g['p']}, batch {g['batch']}, {g['tokens']} tokens",
+            "",
+            f"Resident adapters: {g['resident_cap']} x {g['adapter_bytes'] / 2**20:.2f} MiB on the device "
+            f"(packed file {g['packed_bytes'] / 2**20:.2f} MiB); cache {g['cache']}",
+            "",
+        ]
+        rows = [
+            [
+                n,
+                f"{v['seqs_per_s']:.2f}",
+                f"{v['ratio_vs_backbone-only']:.3f}",
+                f"{v['ratio_min']:.3f}-{v['ratio_max']:.3f}",
+                f"{v['wall_ratio_vs_backbone-only']:.3f}",
+            ]
+            for n, v in g["variants"].items()
+        ]
         clock = next(iter(g["variants"].values()))["clock"]
-        lines += [common.md_table([f"variant", f"seq/s ({clock} clock)", f"x backbone-only ({clock}, median)",
-                                   "min-max", "x backbone-only (wall, median)"], rows), ""]
+        lines += [
+            common.md_table(
+                [
+                    "variant",
+                    f"seq/s ({clock} clock)",
+                    f"x backbone-only ({clock}, median)",
+                    "min-max",
+                    "x backbone-only (wall, median)",
+                ],
+                rows,
+            ),
+            "",
+        ]
         if "mixed100_vs_peft100" in g:
             lines += [f"mixed-100 / peft-100 (same reps): **{g['mixed100_vs_peft100']:.3f}x**", ""]
     prof = result.get("profile")
     if prof:
-        lines += [f"## Where the time goes (prefix P={prof['p']}, batch {prof['batch']}, {prof['tokens']} tokens, "
-                  f"{prof['distinct_in_batch']} adapters per batch)", "",
-                  common.md_table(["phase", "median ms"], [[k, f"{v * 1e3:.1f}"] for k, v in prof["phases_s"].items()]),
-                  ""]
+        lines += [
+            f"## Where the time goes (prefix P={prof['p']}, batch {prof['batch']}, {prof['tokens']} tokens, "
+            f"{prof['distinct_in_batch']} adapters per batch)",
+            "",
+            common.md_table(["phase", "median ms"], [[k, f"{v * 1e3:.1f}"] for k, v in prof["phases_s"].items()]),
+            "",
+        ]
         for label, table in prof["torch_profiler"].items():
             lines += [f"### torch.profiler, {label} (one batch, top ops by self CPU)", "", "```", table, "```", ""]
     common.write_markdown(out, "engine", "\n".join(lines))
@@ -238,8 +339,10 @@ def report(result: dict, out: Path) -> None:
 
 def plot(result: dict, out: Path) -> list[str]:
     paths = []
-    for metric, fname, ylabel in (("ratio_vs_backbone-only", "engine_ratio.png", "throughput / backbone-only"),
-                                  ("seqs_per_s", "engine_throughput.png", "sequences / s")):
+    for metric, fname, ylabel in (
+        ("ratio_vs_backbone-only", "engine_ratio.png", "throughput / backbone-only"),
+        ("seqs_per_s", "engine_throughput.png", "sequences / s"),
+    ):
         series, hl = {}, {}
         for g in result["groups"]:
             tag = f"{g['kind']} P={g['p']} b={g['batch']} t={g['tokens']}"
@@ -256,8 +359,14 @@ def plot(result: dict, out: Path) -> list[str]:
                 hl[f"backbone-only {tag}"] = v["backbone-only"][metric]
         if metric != "seqs_per_s":
             hl = {"backbone-only = 1.0": 1.0, "target 0.97": 0.97}
-        common.plot_lines(out / fname, series, xlabel="distinct adapters (PEFT: tenants)", ylabel=ylabel,
-                          title="Mixed-adapter throughput vs number of distinct adapters", hlines=hl)
+        common.plot_lines(
+            out / fname,
+            series,
+            xlabel="distinct adapters (PEFT: tenants)",
+            ylabel=ylabel,
+            title="Mixed-adapter throughput vs number of distinct adapters",
+            hlines=hl,
+        )
         paths.append(str(out / fname))
     return paths
 
@@ -282,8 +391,14 @@ def main(argv=None) -> dict:
             for batch in args.batch:
                 for tokens in args.tokens:
                     groups.append(run_group(bb, name, args, kind, p, batch, tokens, texts_by_len))
-    result = {"machine": common.machine(bb.device), "command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
-              "backbone": name, "reps": args.reps, "distinct": args.distinct, "groups": groups}
+    result = {
+        "machine": common.machine(bb.device),
+        "command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
+        "backbone": name,
+        "reps": args.reps,
+        "distinct": args.distinct,
+        "groups": groups,
+    }
     if not args.no_profile:
         result["profile"] = profile(bb, args, texts_by_len[headline(args)["tokens"]])
     result["targets"] = targets(groups, args)
@@ -293,13 +408,24 @@ def main(argv=None) -> dict:
     report(result, out)
     # short table last
     print(f"\nengine bench ({result['wall_s']:.0f} s) -> {out}/engine.md")
-    common.print_table(["group", "variant", "seq/s", "x backbone"],
-                       [[f"{g['kind']} P{g['p']} b{g['batch']} t{g['tokens']}", n, f"{v['seqs_per_s']:.2f}",
-                         f"{v['ratio_vs_backbone-only']:.3f}"] for g in groups for n, v in g["variants"].items()])
+    common.print_table(
+        ["group", "variant", "seq/s", "x backbone"],
+        [
+            [
+                f"{g['kind']} P{g['p']} b{g['batch']} t{g['tokens']}",
+                n,
+                f"{v['seqs_per_s']:.2f}",
+                f"{v['ratio_vs_backbone-only']:.3f}",
+            ]
+            for g in groups
+            for n, v in g["variants"].items()
+        ],
+    )
     if result["targets"]:
         print()
-        common.print_table(["target", "want", "measured", "status", "margin"],
-                           [common.fmt_target(t) for t in result["targets"]])
+        common.print_table(
+            ["target", "want", "measured", "status", "margin"], [common.fmt_target(t) for t in result["targets"]]
+        )
     return result
 
 

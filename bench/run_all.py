@@ -8,6 +8,7 @@ Each bench runs as its own subprocess (memory is returned between them, a crash 
 those whose ``--help`` lists them. A missing or failing bench is a line in the summary, not an abort.
 The summary gathers every ``targets`` list found in ``<out>/*.json`` (met or not, by how much).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ OWN = {"engine", "memory"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="each bench's <= 5 min subset")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
     p.add_argument("--out", default=str(common.DEFAULT_OUT), help="results folder (default: bench/results)")
@@ -41,8 +43,13 @@ def _flags_for(module: str, args) -> list[str]:
     if module in OWN:
         return flags + ["--device", args.device, "--out", args.out]
     try:  # foreign bench: pass --device/--out only if it understands them
-        helptext = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=common.ROOT,
-                                  capture_output=True, text=True, timeout=120).stdout
+        helptext = subprocess.run(
+            [sys.executable, "-m", f"bench.{module}", "--help"],
+            cwd=common.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         helptext = ""
     for flag, value in (("--device", args.device), ("--out", args.out)):
@@ -74,8 +81,14 @@ def run_bench(module: str, args) -> dict:
         status = "ok" if rc == 0 else ("timeout" if time.monotonic() > deadline else "failed")
     except OSError as exc:
         rc, status, tail = None, "failed", [str(exc)]
-    return {"name": module, "status": status, "rc": rc, "seconds": time.perf_counter() - t0,
-            "command": " ".join(cmd[1:]), "tail": "\n".join(tail[-8:])}
+    return {
+        "name": module,
+        "status": status,
+        "rc": rc,
+        "seconds": time.perf_counter() - t0,
+        "command": " ".join(cmd[1:]),
+        "tail": "\n".join(tail[-8:]),
+    }
 
 
 def _load_results(out: Path) -> dict[str, dict]:
@@ -100,10 +113,12 @@ def _why_engine(engine: dict) -> list[str]:
     parts = {
         "tokenization (per-row room check, Python tensor fill)": ph["engine: tokenize"] - ph["backbone: tokenize"],
         "gathering per-row K/V into the batch": ph["engine: gather K/V"],
-        "encode() path itself (4-D additive mask, position ids; no virtual tokens)":
-            ph["engine: encode, no virtual tokens"] - ph["backbone: forward"],
-        "attending to the prefix (P extra keys per layer, DynamicCache)":
-            ph["engine: encode with prefixes"] - ph["engine: encode, no virtual tokens"],
+        "encode() path itself (4-D additive mask, position ids; no virtual tokens)": ph[
+            "engine: encode, no virtual tokens"
+        ]
+        - ph["backbone: forward"],
+        "attending to the prefix (P extra keys per layer, DynamicCache)": ph["engine: encode with prefixes"]
+        - ph["engine: encode, no virtual tokens"],
         "per-adapter heads": ph["engine: heads"],
     }
     totals = {}
@@ -114,14 +129,24 @@ def _why_engine(engine: dict) -> list[str]:
     lines = []
     if {"backbone-only", "mixed"} <= set(totals):
         b, m = totals["backbone-only"], totals["mixed"]
-        lines += [f"torch.profiler, one batch each: backbone-only {b * 1e3:.0f} ms vs mixed {m * 1e3:.0f} ms self CPU "
-                  f"(engine overhead {m / b - 1:+.1%}); per-op tables in [engine.md](engine.md).", ""]
-    lines += [f"Phase breakdown at batch {prof.get('batch', 32)} x {prof.get('tokens', 64)} tokens, P={prof.get('p', 20)}, "
-             f"{prof['distinct_in_batch']} adapters per batch "
-             f"(medians of a few samples; noisy on a shared box, where it disagrees with the profiler trust neither; backbone-only total "
-             f"{base * 1e3:.0f} ms). Extra time of the engine over backbone-only, by cause:", "",
-             common.md_table(["cause", "extra ms", "% of backbone-only"],
-                             [[k, f"{v * 1e3:+.1f}", f"{v / base:+.1%}"] for k, v in parts.items()]), ""]
+        lines += [
+            f"torch.profiler, one batch each: backbone-only {b * 1e3:.0f} ms vs mixed {m * 1e3:.0f} ms self CPU "
+            f"(engine overhead {m / b - 1:+.1%}); per-op tables in [engine.md](engine.md).",
+            "",
+        ]
+    lines += [
+        f"Phase breakdown at batch {prof.get('batch', 32)} x {prof.get('tokens', 64)} tokens, P={prof.get('p', 20)}, "
+        f"{prof['distinct_in_batch']} adapters per batch "
+        "(medians of a few samples; noisy on a shared box, where it disagrees with the profiler trust neither; "
+        f"backbone-only total "
+        f"{base * 1e3:.0f} ms). Extra time of the engine over backbone-only, by cause:",
+        "",
+        common.md_table(
+            ["cause", "extra ms", "% of backbone-only"],
+            [[k, f"{v * 1e3:+.1f}", f"{v / base:+.1%}"] for k, v in parts.items()],
+        ),
+        "",
+    ]
     return lines
 
 
@@ -133,35 +158,64 @@ def write_summary(args, runs: list[dict]) -> tuple[list[dict], Path]:
         for t in data.get("targets") or []:
             if isinstance(t, dict) and {"name", "measured", "threshold", "met"} <= set(t):
                 targets.append({**t, "source": name})
-    machine = next((d["machine"] for d in results.values() if isinstance(d.get("machine"), dict)
-                    and "cpu" in d["machine"]), None)
+    machine = next(
+        (d["machine"] for d in results.values() if isinstance(d.get("machine"), dict) and "cpu" in d["machine"]), None
+    )
     lines = ["# Benchmark summary", ""]
     if machine:
         lines += [f"Machine: {common.machine_line(machine)}", ""]
-    lines += ["All claims are throughput **ratios** of variants timed side by side in one run (interleaved, "
-              "median of per-repetition ratios); absolute numbers depend on the (shared) machine.", "",
-              "## Targets", ""]
+    lines += [
+        "All claims are throughput **ratios** of variants timed side by side in one run (interleaved, "
+        "median of per-repetition ratios); absolute numbers depend on the (shared) machine.",
+        "",
+        "## Targets",
+        "",
+    ]
     if targets:
-        lines += [common.md_table(["target", "want", "measured", "status", "margin", "source"],
-                                  [common.fmt_target(t) + [f"[{t['source']}]({t['source']}{'.md' if (out / (t['source'] + '.md')).exists() else '.json'})"]
-                                   for t in targets]), ""]
+        lines += [
+            common.md_table(
+                ["target", "want", "measured", "status", "margin", "source"],
+                [
+                    common.fmt_target(t)
+                    + [f"[{t['source']}]({t['source']}{'.md' if (out / (t['source'] + '.md')).exists() else '.json'})"]
+                    for t in targets
+                ],
+            ),
+            "",
+        ]
     else:
         lines += ["(no bench reported targets)", ""]
     if runs:
-        lines += ["## Runs", "", common.md_table(
-            ["bench", "status", "seconds", "note"],
-            [[r["name"], r["status"], f"{r['seconds']:.0f}",
-              "" if r["status"] == "ok" else (r["tail"].splitlines() or [""])[-1][:160].replace("|", "/")]
-             for r in runs]), ""]
+        lines += [
+            "## Runs",
+            "",
+            common.md_table(
+                ["bench", "status", "seconds", "note"],
+                [
+                    [
+                        r["name"],
+                        r["status"],
+                        f"{r['seconds']:.0f}",
+                        "" if r["status"] == "ok" else (r["tail"].splitlines() or [""])[-1][:160].replace("|", "/"),
+                    ]
+                    for r in runs
+                ],
+            ),
+            "",
+        ]
     headlines = [(name, h) for name, data in results.items() for h in data.get("headline") or [] if isinstance(h, dict)]
     if headlines:
-        lines += ["## Other headline numbers", "",
-                  common.md_table(["bench", "metric", "value"], [[n, h.get("name"), h.get("value")] for n, h in headlines]), ""]
+        lines += [
+            "## Other headline numbers",
+            "",
+            common.md_table(["bench", "metric", "value"], [[n, h.get("name"), h.get("value")] for n, h in headlines]),
+            "",
+        ]
     if "engine" in results:
         lines += ["## Where the engine's time goes", ""] + _why_engine(results["engine"])
     notes = common.ROOT / "bench" / "FINDINGS.md"
     if notes.exists():
-        lines += [f"Analysis of missed targets and proposed fixes: [FINDINGS.md](../FINDINGS.md).", ""]
+        lines += ["Analysis of missed targets and proposed fixes: [FINDINGS.md](../FINDINGS.md).", ""]
     lines += ["## Files", ""] + [f"- [{p.name}]({p.name})" for p in sorted(out.glob("*.md")) if p.name != "SUMMARY.md"]
     lines += [f"- ![{p.stem}]({p.name})" for p in sorted(out.glob("*.png"))]
     common.write_markdown(out, "SUMMARY", "\n".join(lines))
@@ -175,7 +229,9 @@ def main(argv=None) -> int:
     targets, path = write_summary(args, runs)
     print(f"\n=== summary -> {path}")
     if runs:
-        common.print_table(["bench", "status", "seconds"], [[r["name"], r["status"], f"{r['seconds']:.0f}"] for r in runs])
+        common.print_table(
+            ["bench", "status", "seconds"], [[r["name"], r["status"], f"{r['seconds']:.0f}"] for r in runs]
+        )
         print()
     if targets:
         common.print_table(["target", "want", "measured", "status", "margin"], [common.fmt_target(t) for t in targets])

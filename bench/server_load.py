@@ -16,6 +16,7 @@ What it measures (one run, so the ratios compare like with like on a shared box)
 
 Writes ``<out>/server_load.json`` and ``<out>/server_load_cdf.png`` (latency CDF).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ from . import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.server_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.server_load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p)
     p.add_argument("--clients", type=int, default=None, help="closed-loop HTTP clients (quick 8, full 32)")
     p.add_argument("--tenants", type=int, default=4)
@@ -46,10 +48,14 @@ def parse_args(argv=None):
     p.add_argument("--max-batch-size", type=int, default=None, help="Backbone batch and engine batch (quick 8)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--replicas", type=int, default=1, help="Backbone replicas")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per Backbone replica AND for the engine-alone baseline "
-                   "(default: (cores - 1) // replicas, min 1: the ingress, proxy and clients need a core; "
-                   "oversubscribed OpenMP threads are several times slower on a shared box)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per Backbone replica AND for the engine-alone baseline "
+        "(default: (cores - 1) // replicas, min 1: the ingress, proxy and clients need a core; "
+        "oversubscribed OpenMP threads are several times slower on a shared box)",
+    )
     p.add_argument("--visibility-reps", type=int, default=5)
     p.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(argv)
@@ -83,8 +89,13 @@ def engine_alone(backbone, adapters: dict, texts: list[str], batch: int, reps: i
         engine.predict(rows)
         if rep:
             seconds.append(time.perf_counter() - t0)
-    return {"batch": batch, "batch_seconds": seconds, "rows_per_s": batch / statistics.median(seconds),
-            "batch_p50_s": pct(seconds, 50), "batch_p95_s": pct(seconds, 95)}
+    return {
+        "batch": batch,
+        "batch_seconds": seconds,
+        "rows_per_s": batch / statistics.median(seconds),
+        "batch_p50_s": pct(seconds, 50),
+        "batch_p95_s": pct(seconds, 95),
+    }
 
 
 # ---- server --------------------------------------------------------------------------------------
@@ -126,10 +137,19 @@ def closed_loop(url: str, jobs: list[tuple[str, str]], texts: list[str], args) -
     wall = time.perf_counter() - t0
     bar.close()
     n = len(latencies)
-    return {"requests": n, "errors": len(errors), "error_statuses": sorted(set(errors)), "wall_s": wall,
-            "requests_per_s": n / wall, "rows_per_s": n * args.inputs / wall, "p50_s": pct(latencies, 50),
-            "p95_s": pct(latencies, 95), "p99_s": pct(latencies, 99), "latencies_s": latencies,
-            "replicas_seen": sorted(replicas)}
+    return {
+        "requests": n,
+        "errors": len(errors),
+        "error_statuses": sorted(set(errors)),
+        "wall_s": wall,
+        "requests_per_s": n / wall,
+        "rows_per_s": n * args.inputs / wall,
+        "p50_s": pct(latencies, 50),
+        "p95_s": pct(latencies, 95),
+        "p99_s": pct(latencies, 99),
+        "latencies_s": latencies,
+        "replicas_seen": sorted(replicas),
+    }
 
 
 def batch_stats(metrics_text: str) -> dict:
@@ -139,8 +159,11 @@ def batch_stats(metrics_text: str) -> dict:
         for name in ("prefixserve_batch_rows_sum", "prefixserve_batch_rows_count", "prefixserve_batch_adapters_sum"):
             if line.startswith(name + "{"):
                 sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return {"forwards": sums.get("prefixserve_batch_rows_count", 0.0),
-            "rows": sums.get("prefixserve_batch_rows_sum", 0.0), "adapters": sums.get("prefixserve_batch_adapters_sum", 0.0)}
+    return {
+        "forwards": sums.get("prefixserve_batch_rows_count", 0.0),
+        "rows": sums.get("prefixserve_batch_rows_sum", 0.0),
+        "adapters": sums.get("prefixserve_batch_adapters_sum", 0.0),
+    }
 
 
 def visibility(c, key: str, prefix: str, versions: list[bytes], replicas: set[str], reps: int) -> dict:
@@ -149,21 +172,33 @@ def visibility(c, key: str, prefix: str, versions: list[bytes], replicas: set[st
     times, puts, served = [], [], []
     for i in range(reps):
         t0 = time.perf_counter()
-        r = c.put(f"/v1/prefixes/{prefix}", content=versions[i % len(versions)],
-                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
+        r = c.put(
+            f"/v1/prefixes/{prefix}",
+            content=versions[i % len(versions)],
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
+        )
         r.raise_for_status()
         puts.append(time.perf_counter() - t0)
         want, seen = r.json()["version"], {}
         while set(seen) < replicas and time.perf_counter() - t0 < 60:
             sent = time.perf_counter()
-            r = c.post("/v1/classify", json={"prefix_id": prefix, "inputs": ["visible"]},
-                       headers={"Authorization": f"Bearer {key}"})
+            r = c.post(
+                "/v1/classify",
+                json={"prefix_id": prefix, "inputs": ["visible"]},
+                headers={"Authorization": f"Bearer {key}"},
+            )
             if r.status_code == 200 and r.json()["version"] == want:
                 seen.setdefault(r.headers.get("x-prefixserve-replica", "?"), sent - t0)
         times.append(max(seen.values()) if seen else float("inf"))
         served.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "max_s": max(times), "put_median_s": statistics.median(puts),
-            "first_answer_median_s": statistics.median(served), "reps": reps, "replicas": len(replicas)}
+    return {
+        "median_s": statistics.median(times),
+        "max_s": max(times),
+        "put_median_s": statistics.median(puts),
+        "first_answer_median_s": statistics.median(served),
+        "reps": reps,
+        "replicas": len(replicas),
+    }
 
 
 def plot_cdf(path: Path, server_lat: list[float], engine_lat: list[float], title: str) -> None:
@@ -208,19 +243,31 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     backbone, name = common.load_bench_backbone(args)
     texts = common.make_texts(backbone.tokenizer, 64, args.tokens)
-    adapters = {f"t{t}/p{p}": random_packed(backbone, "prefix" if p % 2 == 0 else "prompt", 8 + 4 * p, seed=100 * t + p)
-                for t in range(args.tenants) for p in range(args.prefixes)}
+    adapters = {
+        f"t{t}/p{p}": random_packed(backbone, "prefix" if p % 2 == 0 else "prompt", 8 + 4 * p, seed=100 * t + p)
+        for t in range(args.tenants)
+        for p in range(args.prefixes)
+    }
     progress = not args.no_progress
     engine_before = engine_alone(backbone, adapters, texts, args.max_batch_size, args.reps, progress)
 
     work = Path(tempfile.mkdtemp(prefix="prefixserve-bench-"))
     os.environ.pop("PREFIXSERVE_ADMIN_KEY", None)
     admin, _ = resolve_admin_key(work / "admin_key")
-    settings = AppSettings(backbone=name, store=f"file://{work / 'store'}", device=args.device,
-                           max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                           replicas=args.replicas, backbone_num_cpus=0.5, ingress_num_cpus=0.5,
-                           torch_threads=threads, max_inputs=max(64, args.inputs), admin_key_file=str(work / "admin_key"),
-                           max_ongoing_requests=max(2 * args.max_batch_size, args.clients))
+    settings = AppSettings(
+        backbone=name,
+        store=f"file://{work / 'store'}",
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        replicas=args.replicas,
+        backbone_num_cpus=0.5,
+        ingress_num_cpus=0.5,
+        torch_threads=threads,
+        max_inputs=max(64, args.inputs),
+        admin_key_file=str(work / "admin_key"),
+        max_ongoing_requests=max(2 * args.max_batch_size, args.clients),
+    )
     port = args.port or free_port()
     t0 = time.perf_counter()
     url = run_local(settings, host="127.0.0.1", port=port, num_cpus=max(4, cores))
@@ -234,20 +281,28 @@ def main(argv=None) -> int:
                     r = c.post("/v1/tenants", json={"tenant": tenant}, headers={"Authorization": f"Bearer {admin}"})
                     r.raise_for_status()
                     keys[tenant] = r.json()["api_key"]
-                r = c.put(f"/v1/prefixes/{prefix}", content=data, headers={
-                    "Authorization": f"Bearer {keys[tenant]}", "Content-Type": "application/octet-stream"})
+                r = c.put(
+                    f"/v1/prefixes/{prefix}",
+                    content=data,
+                    headers={"Authorization": f"Bearer {keys[tenant]}", "Content-Type": "application/octet-stream"},
+                )
                 r.raise_for_status()
                 jobs.append((keys[tenant], prefix))
             for key, prefix in jobs:  # warm: every adapter on the device once
-                c.post("/v1/classify", json={"prefix_id": prefix, "inputs": texts[:1]},
-                       headers={"Authorization": f"Bearer {key}"}).raise_for_status()
+                c.post(
+                    "/v1/classify",
+                    json={"prefix_id": prefix, "inputs": texts[:1]},
+                    headers={"Authorization": f"Bearer {key}"},
+                ).raise_for_status()
             before = batch_stats(c.get("/metrics").text)
             server = closed_loop(url, jobs, texts, args)
             after = batch_stats(c.get("/metrics").text)
             forwards = after["forwards"] - before["forwards"]  # the load only (not set-up or warm-up)
             server["forwards_during_load"] = forwards
             server["mean_rows_per_forward"] = (after["rows"] - before["rows"]) / forwards if forwards else None
-            server["mean_adapters_per_forward"] = (after["adapters"] - before["adapters"]) / forwards if forwards else None
+            server["mean_adapters_per_forward"] = (
+                (after["adapters"] - before["adapters"]) / forwards if forwards else None
+            )
             vis_versions = [random_packed(backbone, "prefix", 8, seed=9000 + i) for i in range(2)]
             replicas = set(server["replicas_seen"]) or {"?"}
             vis = visibility(c, jobs[0][0], jobs[0][1], vis_versions, replicas, args.visibility_reps)
@@ -262,38 +317,73 @@ def main(argv=None) -> int:
     eng_p50 = statistics.median(engine_before["batch_seconds"] + engine_after["batch_seconds"])
     m = common.machine(backbone.device)
     result = {
-        "bench": "server_load", "quick": args.quick, "machine": m, "backbone": name,
-        "config": {k: getattr(args, k) for k in ("clients", "tenants", "prefixes", "inputs", "tokens", "requests",
-                                                 "duration", "max_batch_size", "batch_wait_ms", "replicas")},
-        "torch_threads_per_replica": threads, "startup_s": startup,
+        "bench": "server_load",
+        "quick": args.quick,
+        "machine": m,
+        "backbone": name,
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "clients",
+                "tenants",
+                "prefixes",
+                "inputs",
+                "tokens",
+                "requests",
+                "duration",
+                "max_batch_size",
+                "batch_wait_ms",
+                "replicas",
+            )
+        },
+        "torch_threads_per_replica": threads,
+        "startup_s": startup,
         "server": {k: v for k, v in server.items() if k != "latencies_s"},
-        "engine_alone": {"rows_per_s": eng_rows, "batch_p50_s": eng_p50, "before": engine_before, "after": engine_after},
-        "ratios": {"server_rows_per_s_vs_engine": server["rows_per_s"] / eng_rows,
-                   "server_p50_vs_engine_batch_p50": server["p50_s"] / eng_p50},
+        "engine_alone": {
+            "rows_per_s": eng_rows,
+            "batch_p50_s": eng_p50,
+            "before": engine_before,
+            "after": engine_after,
+        },
+        "ratios": {
+            "server_rows_per_s_vs_engine": server["rows_per_s"] / eng_rows,
+            "server_p50_vs_engine_batch_p50": server["p50_s"] / eng_p50,
+        },
         "upload_visible_everywhere": vis,
         "command": " ".join(["python -m bench.server_load", *(argv if argv is not None else sys.argv[1:])]),
     }
-    result["targets"] = [common.target("HTTP rows/s vs engine alone (same batch size)",
-                                       result["ratios"]["server_rows_per_s_vs_engine"], 0.85),
-                         common.target("upload visible on every replica (max)", vis["max_s"], 1.0,
-                                       higher_is_better=False, unit="s"),
-                         common.target("server errors", float(server["errors"]), 0.0, higher_is_better=False, unit="")]
+    result["targets"] = [
+        common.target(
+            "HTTP rows/s vs engine alone (same batch size)", result["ratios"]["server_rows_per_s_vs_engine"], 0.85
+        ),
+        common.target("upload visible on every replica (max)", vis["max_s"], 1.0, higher_is_better=False, unit="s"),
+        common.target("server errors", float(server["errors"]), 0.0, higher_is_better=False, unit=""),
+    ]
     out = Path(args.out)
     path = common.write_json(out, "server_load", result)
-    plot_cdf(out / "server_load_cdf.png", server["latencies_s"],
-             engine_before["batch_seconds"] + engine_after["batch_seconds"],
-             f"{args.clients} clients, {args.tenants}x{args.prefixes} prefixes, batch {args.max_batch_size}; "
-             f"{Path(name).name}")
+    plot_cdf(
+        out / "server_load_cdf.png",
+        server["latencies_s"],
+        engine_before["batch_seconds"] + engine_after["batch_seconds"],
+        f"{args.clients} clients, {args.tenants}x{args.prefixes} prefixes, batch {args.max_batch_size}; "
+        f"{Path(name).name}",
+    )
     s, r = result["server"], result["ratios"]
-    print(f"\nserver: {s['requests']} req in {s['wall_s']:.1f}s = {s['requests_per_s']:.1f} req/s "
-          f"({s['rows_per_s']:.1f} rows/s), p50 {s['p50_s'] * 1e3:.1f} ms, p95 {s['p95_s'] * 1e3:.1f} ms, "
-          f"p99 {s['p99_s'] * 1e3:.1f} ms, errors {s['errors']}, rows/forward {s['mean_rows_per_forward'] or 0:.2f} "
-          f"(distinct adapters/forward {s['mean_adapters_per_forward'] or 0:.2f})")
+    print(
+        f"\nserver: {s['requests']} req in {s['wall_s']:.1f}s = {s['requests_per_s']:.1f} req/s "
+        f"({s['rows_per_s']:.1f} rows/s), p50 {s['p50_s'] * 1e3:.1f} ms, p95 {s['p95_s'] * 1e3:.1f} ms, "
+        f"p99 {s['p99_s'] * 1e3:.1f} ms, errors {s['errors']}, rows/forward {s['mean_rows_per_forward'] or 0:.2f} "
+        f"(distinct adapters/forward {s['mean_adapters_per_forward'] or 0:.2f})"
+    )
     print(f"engine alone (batch {args.max_batch_size}): {eng_rows:.1f} rows/s, batch p50 {eng_p50 * 1e3:.1f} ms")
-    print(f"ratios: rows/s server/engine {r['server_rows_per_s_vs_engine']:.3f}, "
-          f"p50 server/engine-batch {r['server_p50_vs_engine_batch_p50']:.2f}")
-    print(f"upload -> visible on {vis['replicas']} replica(s): median {vis['median_s'] * 1e3:.0f} ms, "
-          f"max {vis['max_s'] * 1e3:.0f} ms")
+    print(
+        f"ratios: rows/s server/engine {r['server_rows_per_s_vs_engine']:.3f}, "
+        f"p50 server/engine-batch {r['server_p50_vs_engine_batch_p50']:.2f}"
+    )
+    print(
+        f"upload -> visible on {vis['replicas']} replica(s): median {vis['median_s'] * 1e3:.0f} ms, "
+        f"max {vis['max_s'] * 1e3:.0f} ms"
+    )
     print(f"wrote {path} and {out / 'server_load_cdf.png'}")
     return 0
 

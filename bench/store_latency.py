@@ -9,6 +9,7 @@ The adapter is a real packed file: prefix K/V (20, 12*2*768) fp32 + RoBERTa head
 
 Writes bench/results/store_latency.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,25 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen, str]:
     from prefixserve.server.app import free_port
 
     port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir,
-                             "--appendonly", "yes", "--appendfsync", "everysec"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            workdir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
@@ -57,8 +74,13 @@ def percentiles(samples: list[float]) -> dict:
 
     def pick(q):
         return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] * 1e3
-    return {"n": len(s), "p50_ms": round(pick(0.50), 3), "p99_ms": round(pick(0.99), 3),
-            "mean_ms": round(sum(s) / len(s) * 1e3, 3)}
+
+    return {
+        "n": len(s),
+        "p50_ms": round(pick(0.50), 3),
+        "p99_ms": round(pick(0.99), 3),
+        "mean_ms": round(sum(s) / len(s) * 1e3, 3),
+    }
 
 
 def cold_loader(fingerprint: str):
@@ -74,11 +96,13 @@ def cold_loader(fingerprint: str):
     from prefixserve.adapters.engine import Engine
     from prefixserve.adapters.format import BackboneSpec
 
-    spec = BackboneSpec(fingerprint, num_layers=12, num_heads=12, hidden=768, head_style="roberta",
-                        max_virtual_tokens=504)
+    spec = BackboneSpec(
+        fingerprint, num_layers=12, num_heads=12, hidden=768, head_style="roberta", max_virtual_tokens=504
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine = SimpleNamespace(backbone=SimpleNamespace(spec=spec), device=device, dtype=torch.float32,
-                             _layers=12, _heads=12)
+    engine = SimpleNamespace(
+        backbone=SimpleNamespace(spec=spec), device=device, dtype=torch.float32, _layers=12, _heads=12
+    )
     return lambda key, data: Engine.to_device(engine, key, data)
 
 
@@ -101,10 +125,12 @@ def bench_store(name: str, url: str, data: bytes, n_put: int, n_get: int, progre
             store.put("bench", "sentiment", data)
             timings["put"].append(time.perf_counter() - t0)
             bar.update()
-        calls = {"get": lambda: store.get("bench", "sentiment"),
-                 "head": lambda: store.head("bench", "sentiment"),
-                 # cold load: store -> validated against the backbone -> K/V + head on the device
-                 "cold": lambda: to_device("bench/sentiment", store.get("bench", "sentiment")[1])}
+        calls = {
+            "get": lambda: store.get("bench", "sentiment"),
+            "head": lambda: store.head("bench", "sentiment"),
+            # cold load: store -> validated against the backbone -> K/V + head on the device
+            "cold": lambda: to_device("bench/sentiment", store.get("bench", "sentiment")[1]),
+        }
         for op, call in calls.items():
             for _ in range(n_get):
                 t0 = time.perf_counter()
@@ -151,8 +177,9 @@ def main(argv=None) -> int:
         if not redis_url:
             proc, redis_url = start_redis(tmp)
         results = {
-            "file": bench_store("file", f"file://{args.file_root or os.path.join(tmp, 'file-store')}", data,
-                                n_put, n_get, tqdm),
+            "file": bench_store(
+                "file", f"file://{args.file_root or os.path.join(tmp, 'file-store')}", data, n_put, n_get, tqdm
+            ),
             "redis": bench_store("redis", redis_url, data, n_put, n_get, tqdm),
         }
     finally:
@@ -161,14 +188,29 @@ def main(argv=None) -> int:
             proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = {"adapter": {"shape": "P=20 prefix, klue/roberta-base (12 layers, hidden 768), roberta head, 2 labels",
-                          "bytes": len(data)},
-              "validate_ms": round(validate_ms, 3), "quick": args.quick, "results": results,
-              "targets": [{"name": f"cold load store->device p99 ({b})", "measured": results[b]["cold"]["p99_ms"],
-                           "threshold": 5.0, "op": "<=", "unit": "ms", "met": results[b]["cold"]["p99_ms"] <= 5.0,
-                           "margin": 5.0 - results[b]["cold"]["p99_ms"], "note": "get + validate + to device"}
-                          for b in results],
-              "machine": bench_machine()}
+    report = {
+        "adapter": {
+            "shape": "P=20 prefix, klue/roberta-base (12 layers, hidden 768), roberta head, 2 labels",
+            "bytes": len(data),
+        },
+        "validate_ms": round(validate_ms, 3),
+        "quick": args.quick,
+        "results": results,
+        "targets": [
+            {
+                "name": f"cold load store->device p99 ({b})",
+                "measured": results[b]["cold"]["p99_ms"],
+                "threshold": 5.0,
+                "op": "<=",
+                "unit": "ms",
+                "met": results[b]["cold"]["p99_ms"] <= 5.0,
+                "margin": 5.0 - results[b]["cold"]["p99_ms"],
+                "note": "get + validate + to device",
+            }
+            for b in results
+        ],
+        "machine": bench_machine(),
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"adapter {len(data) / 2**20:.2f} MiB; validation alone {validate_ms:.1f} ms (included in put)")

@@ -5,6 +5,7 @@ Every variant is a callable ``fn(rep) -> sequences`` that serves one batch of ``
 adapter ``(rep*batch + j) % distinct``: a batch of 32 over 1,000 adapters holds 32 different ones,
 and successive batches walk the whole set (round-robin, the cache's worst order).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -20,8 +21,15 @@ NUM_LABELS = 2
 
 def random_packed(backbone, kind: str, p: int, seed: int, num_labels: int = NUM_LABELS) -> bytes:
     """A valid packed adapter with seeded random virtual tokens and its own random head."""
-    return random_adapter(backbone.config, backbone.fingerprint, kind=kind, num_virtual_tokens=p,
-                          labels=[f"label{i}" for i in range(num_labels)], seed=seed, base_model=backbone.name)
+    return random_adapter(
+        backbone.config,
+        backbone.fingerprint,
+        kind=kind,
+        num_virtual_tokens=p,
+        labels=[f"label{i}" for i in range(num_labels)],
+        seed=seed,
+        base_model=backbone.name,
+    )
 
 
 def raw_tensor_bytes(packed: bytes) -> int:
@@ -39,8 +47,18 @@ class AdapterSet:
     the cost of a miss (parse + validate + device copy) does not depend on the bytes' values.
     """
 
-    def __init__(self, backbone, kind: str, p: int, *, resident: int, pool: int | None = None,
-                 progress: bool = True, keep_packed: int = 0, cache_slack: float = 0.5):
+    def __init__(
+        self,
+        backbone,
+        kind: str,
+        p: int,
+        *,
+        resident: int,
+        pool: int | None = None,
+        progress: bool = True,
+        keep_packed: int = 0,
+        cache_slack: float = 0.5,
+    ):
         from tqdm.auto import tqdm
 
         self.backbone, self.kind, self.p = backbone, kind, p
@@ -88,6 +106,7 @@ def backbone_only(backbone, texts: list[str], batch: int):
 
 def mixed(aset: AdapterSet, texts: list[str], batch: int, distinct: int):
     """The engine: every row resolves its adapter through the cache, one forward for the batch."""
+
     def run(rep: int) -> int:
         rows = [Row(aset.get((rep * batch + j) % distinct), t) for j, t in enumerate(batch_texts(texts, rep, batch))]
         aset.engine.forward(rows)
@@ -98,6 +117,7 @@ def mixed(aset: AdapterSet, texts: list[str], batch: int, distinct: int):
 
 def one_at_a_time(aset: AdapterSet, texts: list[str], batch: int, distinct: int):
     """No batching across requests: the same rows, one engine forward each."""
+
     def run(rep: int) -> int:
         for j, t in enumerate(batch_texts(texts, rep, batch)):
             aset.engine.forward([Row(aset.get((rep * batch + j) % distinct), t)])
@@ -122,8 +142,9 @@ class PeftServer:
         base = AutoModelForSequenceClassification.from_pretrained(backbone_name, num_labels=NUM_LABELS)
         self.one_type = base.config.type_vocab_size < 2
         model = None
-        for i, data in enumerate(tqdm(packed, desc=f"PEFT load_adapter x{len(packed)}", disable=not progress,
-                                      leave=False)):
+        for i, data in enumerate(
+            tqdm(packed, desc=f"PEFT load_adapter x{len(packed)}", disable=not progress, leave=False)
+        ):
             folder = unpack(data, Path(self.tmp.name) / f"t{i}")
             if model is None:
                 model = PeftModel.from_pretrained(base, str(folder), adapter_name="t0")

@@ -15,6 +15,7 @@
 ``run_local`` is what ``prefixserve serve`` and the quickstart use: Ray on loopback, Serve HTTP on
 ``host:port``, then ``serve.run``.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,18 @@ def build_app(args: dict | None = None):
 
     s = args if isinstance(args, AppSettings) else AppSettings(**(args or {}))
     backbone = Backbone.options(**backbone_options(s)).bind(
-        backbone=s.backbone, store=s.store, device=s.device, dtype=s.dtype, cache_bytes=s.cache_bytes,
-        torch_threads=s.torch_threads)
-    ingress = Ingress.options(num_replicas=s.ingress_replicas, max_ongoing_requests=s.ingress_max_ongoing_requests,
-                              ray_actor_options={"num_cpus": s.ingress_num_cpus})
+        backbone=s.backbone,
+        store=s.store,
+        device=s.device,
+        dtype=s.dtype,
+        cache_bytes=s.cache_bytes,
+        torch_threads=s.torch_threads,
+    )
+    ingress = Ingress.options(
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=s.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+    )
     return ingress.bind(backbone, s.model_dump())
 
 
@@ -97,12 +106,18 @@ def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to
         pin_ray_to_loopback()
         if log_to_driver is None:
             log_to_driver = os.environ.get("PREFIXSERVE_RAY_LOGS", "1") != "0"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=log_to_driver)
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=log_to_driver)
 
 
-def run_local(settings: AppSettings, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None,
-              address: str | None = None, blocking: bool = False) -> str:
+def run_local(
+    settings: AppSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus: int | None = None,
+    address: str | None = None,
+    blocking: bool = False,
+) -> str:
     """Start Ray + Serve HTTP on ``host:port`` and deploy; returns the base URL."""
     from ray import serve
 

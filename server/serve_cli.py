@@ -3,6 +3,7 @@
 Never falls back to another backbone (only the quickstart does): a server must serve what it was
 asked to, or fail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,26 @@ def settings_from_args(args):
         lo, hi = args.autoscale
         autoscaling = Autoscaling(min_replicas=lo, max_replicas=hi, target_ongoing_requests=args.target_ongoing)
     return AppSettings(
-        backbone=args.backbone, store=args.store, device=args.device, dtype=args.dtype,
-        cache_bytes=args.cache_bytes, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_ms / 1000.0, replicas=args.replicas or 1, autoscaling=autoscaling,
-        backbone_num_cpus=args.backbone_cpus, backbone_num_gpus=args.backbone_gpus, max_inputs=args.max_inputs,
-        torch_threads=args.torch_threads, admin_key_file=args.admin_key_file)
+        backbone=args.backbone,
+        store=args.store,
+        device=args.device,
+        dtype=args.dtype,
+        cache_bytes=args.cache_bytes,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        replicas=args.replicas or 1,
+        autoscaling=autoscaling,
+        backbone_num_cpus=args.backbone_cpus,
+        backbone_num_gpus=args.backbone_gpus,
+        max_inputs=args.max_inputs,
+        torch_threads=args.torch_threads,
+        admin_key_file=args.admin_key_file,
+    )
 
 
-def serve_until_interrupted(settings, *, host: str, port: int, address: str | None = None,
-                            num_cpus: int | None = None, banner=None) -> int:
+def serve_until_interrupted(
+    settings, *, host: str, port: int, address: str | None = None, num_cpus: int | None = None, banner=None
+) -> int:
     """Deploy, print where things are, block until Ctrl-C, then shut Serve and Ray down."""
     import time
 
@@ -47,14 +59,18 @@ def serve_until_interrupted(settings, *, host: str, port: int, address: str | No
         settings = settings.model_copy(update={"admin_key_file": str(key_path)})
     url = run_local(settings, host=host, port=port, num_cpus=num_cpus, address=address)
     where = f"from ${ADMIN_KEY_ENV}" if key_path is None else f"in {key_path} (mode 0600)"
-    print(f"\nprefixserve is serving {settings.backbone} at {url}  (docs: {url}/docs)\n"
-          f"admin key: {where}\n", file=sys.stderr, flush=True)
+    print(
+        f"\nprefixserve is serving {settings.backbone} at {url}  (docs: {url}/docs)\nadmin key: {where}\n",
+        file=sys.stderr,
+        flush=True,
+    )
     if banner:
         banner(url)
     import signal
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -80,25 +96,39 @@ def _serve(args) -> int:
     except (ValueError, PrefixServeError) as exc:
         print(f"prefixserve serve: {exc}", file=sys.stderr)
         return 2
-    return serve_until_interrupted(settings, host=args.host, port=args.port, address=args.ray_address,
-                                   num_cpus=args.num_cpus)
+    return serve_until_interrupted(
+        settings, host=args.host, port=args.port, address=args.ray_address, num_cpus=args.num_cpus
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("serve", formatter_class=fmt, help="run the HTTP server (Ray Serve: Ingress + Backbone)",
-                       description="Start the Ray Serve application: a FastAPI Ingress (auth, validation, routing) "
-                       "and a batched Backbone deployment. Same app as prefixserve.server.app:build_app.")
+    p = sub.add_parser(
+        "serve",
+        formatter_class=fmt,
+        help="run the HTTP server (Ray Serve: Ingress + Backbone)",
+        description="Start the Ray Serve application: a FastAPI Ingress (auth, validation, routing) "
+        "and a batched Backbone deployment. Same app as prefixserve.server.app:build_app.",
+    )
     p.add_argument("--backbone", required=True, help="hub id or local folder of the encoder")
     p.add_argument("--store", required=True, help="file:///path | redis://host:6379/0 | memory://")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--replicas", type=int, default=None, help="fixed number of Backbone replicas (default 1)")
-    group.add_argument("--autoscale", type=parse_autoscale, default=None, metavar="MIN:MAX",
-                       help="autoscale Backbone replicas between MIN and MAX")
-    p.add_argument("--target-ongoing", type=float, default=None,
-                   help="autoscaling target ongoing requests per replica (default: --max-batch-size)")
+    group.add_argument(
+        "--autoscale",
+        type=parse_autoscale,
+        default=None,
+        metavar="MIN:MAX",
+        help="autoscale Backbone replicas between MIN and MAX",
+    )
+    p.add_argument(
+        "--target-ongoing",
+        type=float,
+        default=None,
+        help="autoscaling target ongoing requests per replica (default: --max-batch-size)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows per backbone forward")
@@ -108,8 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone-cpus", type=float, default=1.0, help="num_cpus per Backbone replica")
     p.add_argument("--backbone-gpus", type=float, default=0.0, help="num_gpus per Backbone replica")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per Backbone replica")
-    p.add_argument("--admin-key-file", default=None, help="admin key file (created 0600 if absent); "
-                   "ignored when PREFIXSERVE_ADMIN_KEY is set")
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        help="admin key file (created 0600 if absent); ignored when PREFIXSERVE_ADMIN_KEY is set",
+    )
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster instead of a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.set_defaults(func=_serve)

@@ -6,6 +6,7 @@ defined in ``ingress.py`` would arrive as separate copies. The Ingress module re
 a *module* (``from . import state``), which pickles by reference: both sides then use the one
 imported in the replica process.
 """
+
 from __future__ import annotations
 
 from .metrics import IngressMetrics

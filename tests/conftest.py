@@ -1,4 +1,5 @@
 """Shared fixtures. Each fixture module lives in tests/fixtures/ and is registered here."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

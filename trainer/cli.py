@@ -3,6 +3,7 @@
 Errors that are the user's (bad data, bad flags, mismatched --init-from, no MLM head) print
 ``{"error": {"code", "message"}}`` on stderr and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def _train(args) -> int:
 
     if args.upload and not args.prefix_id:
         from prefixserve.adapters.errors import BadRequestError
+
         raise BadRequestError("--upload needs --prefix-id", code="bad_args")
     cfg = TrainConfig(**_fields(args, TrainConfig))
     res = train(cfg)
@@ -63,8 +65,11 @@ def _pretrain(args) -> int:
 
     res = pretrain(PretrainConfig(**_fields(args, PretrainConfig)))
     log = res["log"]
-    print(json.dumps({"out": args.out, "loss_before": log["loss_before"], "loss_after": log["loss_after"],
-                      "steps": log["steps"]}))
+    print(
+        json.dumps(
+            {"out": args.out, "loss_before": log["loss_before"], "loss_after": log["loss_after"], "steps": log["steps"]}
+        )
+    )
     return 0
 
 
@@ -84,8 +89,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", default=None, help="unset: document | text | sentence")
     g.add_argument("--label-column", default=None, help="unset: label | category")
     g.add_argument("--text-pair-column", default=None, help="optional second text")
-    g.add_argument("--label-names", type=_names, default=None,
-                   help="comma list fixing label set/order; integer raw labels index it; unset: sorted raw values")
+    g.add_argument(
+        "--label-names",
+        type=_names,
+        default=None,
+        help="comma list fixing label set/order; integer raw labels index it; unset: sorted raw values",
+    )
     g.add_argument("--max-train", type=int, default=None, help="seeded subsample of the training rows")
     g.add_argument("--max-eval", type=int, default=None, help="seeded subsample of the eval rows")
 
@@ -109,9 +118,13 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = _HelpFormatter
 
-    p = sub.add_parser("train", formatter_class=fmt, help="train a tenant's prefix/prompt adapter",
-                       description="Train a prefix (P-Tuning v2) or soft prompt plus a classification head on a "
-                       "frozen backbone; write the packed adapter and <out>.log.json; optionally upload it.")
+    p = sub.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train a tenant's prefix/prompt adapter",
+        description="Train a prefix (P-Tuning v2) or soft prompt plus a classification head on a "
+        "frozen backbone; write the packed adapter and <out>.log.json; optionally upload it.",
+    )
     p.add_argument("--backbone", required=True, help="hub id or local folder (BERT/RoBERTa/XLM-R)")
     p.add_argument("--train", required=True, help="training file (.tsv NSMC, .csv, .jsonl)")
     ev = p.add_mutually_exclusive_group()
@@ -122,8 +135,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-projection", action="store_true", help="train through an MLP; exported materialised")
     p.add_argument("--encoder-hidden-size", type=int, default=512, help="projection MLP width")
     p.add_argument("--head-dropout", type=float, default=0.1, help="dropout on the head input only")
-    p.add_argument("--prefix-init", choices=["random", "tokens"], default="tokens",
-                   help="prefix start: PEFT's N(0,1), or the K/V of random real tokens (Li & Liang)")
+    p.add_argument(
+        "--prefix-init",
+        choices=["random", "tokens"],
+        default="tokens",
+        help="prefix start: PEFT's N(0,1), or the K/V of random real tokens (Li & Liang)",
+    )
     p.add_argument("--init-from", default=None, help="pre-trained prefix (prefixserve pretrain) or packed prefix")
     p.add_argument("--out", required=True, help="packed adapter .safetensors (log: <out>.log.json)")
     u = p.add_argument_group("upload")
@@ -135,9 +152,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
     _show_defaults(p)
 
-    p = sub.add_parser("pretrain", formatter_class=fmt, help="pre-train a prefix by MLM on raw text",
-                       description="Masked-LM pre-training of a prefix on a raw-text corpus (one text per line) "
-                       "with the backbone and its MLM head frozen. Needs a checkpoint with an MLM head.")
+    p = sub.add_parser(
+        "pretrain",
+        formatter_class=fmt,
+        help="pre-train a prefix by MLM on raw text",
+        description="Masked-LM pre-training of a prefix on a raw-text corpus (one text per line) "
+        "with the backbone and its MLM head frozen. Needs a checkpoint with an MLM head.",
+    )
     p.add_argument("--backbone", required=True)
     p.add_argument("--corpus", required=True, help="UTF-8 text file, one passage per line")
     p.add_argument("--num-virtual-tokens", type=int, default=20)
@@ -157,9 +178,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pretrain)
     _show_defaults(p)
 
-    p = sub.add_parser("experiment", formatter_class=fmt, help="reproduce paper tables (table1)",
-                       description="table1: linear probe, frozen prefix at each length (optionally pre-trained "
-                       "init), full fine-tuning, prefix + full fine-tuning; writes table1.md and table1.json.")
+    p = sub.add_parser(
+        "experiment",
+        formatter_class=fmt,
+        help="reproduce paper tables (table1)",
+        description="table1: linear probe, frozen prefix at each length (optionally pre-trained "
+        "init), full fine-tuning, prefix + full fine-tuning; writes table1.md and table1.json.",
+    )
     p.add_argument("table", choices=["table1"])
     p.add_argument("--backbone", required=True)
     p.add_argument("--train", required=True)
@@ -167,8 +192,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-split", type=float, default=0.1)
     p.add_argument("--lengths", type=_ints, default=[10, 50, 100, 200], help="prefix lengths, comma-separated")
     p.add_argument("--init-from", default=None, help="pre-trained prefix for an extra row")
-    p.add_argument("--rows", type=_names, default=["probe", "prefix", "ft", "prefix_ft"],
-                   help="subset of probe,prefix,ft,prefix_ft")
+    p.add_argument(
+        "--rows",
+        type=_names,
+        default=["probe", "prefix", "ft", "prefix_ft"],
+        help="subset of probe,prefix,ft,prefix_ft",
+    )
     p.add_argument("--ft-prefix-length", type=int, default=None, help="P of the prefix+fine-tuning row")
     p.add_argument("--probe-head-lr", type=float, default=None, help="head LR of the probe row (default --head-lr)")
     p.add_argument("--prefix-init", choices=["random", "tokens"], default="tokens")

@@ -12,6 +12,7 @@ Decisions:
 * Bad rows (unparsable line, missing/empty text, missing label, label outside a fixed set) are counted by
   reason and skipped, never fatal. A file with no good row at all is a :class:`BadRequestError`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -61,8 +62,10 @@ def _pick(columns, wanted: str | None, defaults: tuple[str, ...], what: str, pat
     for name in defaults:
         if name in columns:
             return name
-    raise BadRequestError(f"{path}: no {what} column among {list(defaults)}; pass --{what}-column "
-                          f"(columns: {list(columns)})", code="bad_column")
+    raise BadRequestError(
+        f"{path}: no {what} column among {list(defaults)}; pass --{what}-column (columns: {list(columns)})",
+        code="bad_column",
+    )
 
 
 def _records(path: Path, fmt: str, bad: Counter):
@@ -88,8 +91,14 @@ def _records(path: Path, fmt: str, bad: Counter):
             yield dict(zip(header, cells)) if len(cells) == len(header) else None
 
 
-def read_examples(path: str | Path, *, fmt: str | None = None, text_column: str | None = None,
-                  label_column: str | None = None, text_pair_column: str | None = None) -> Dataset:
+def read_examples(
+    path: str | Path,
+    *,
+    fmt: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    text_pair_column: str | None = None,
+) -> Dataset:
     """Read one file into raw examples (labels still raw strings)."""
     path = Path(path)
     if not path.is_file():
@@ -103,8 +112,10 @@ def read_examples(path: str | Path, *, fmt: str | None = None, text_column: str 
             bad["unparsable"] += 1
             continue
         if columns is None:  # resolved on the first good record (JSONL has no header)
-            columns = (_pick(rec, text_column, TEXT_COLUMNS, "text", path),
-                       _pick(rec, label_column, LABEL_COLUMNS, "label", path))
+            columns = (
+                _pick(rec, text_column, TEXT_COLUMNS, "text", path),
+                _pick(rec, label_column, LABEL_COLUMNS, "label", path),
+            )
         text, label = rec.get(columns[0]), rec.get(columns[1])
         pair = rec.get(text_pair_column) if text_pair_column else None
         if not isinstance(text, str) or not text.strip():
@@ -132,7 +143,9 @@ def infer_labels(train: Dataset, label_names: list[str] | None = None) -> list[s
     """The label list stored in the adapter (``id2label`` order)."""
     if label_names:
         if len(set(label_names)) != len(label_names) or not all(label_names):
-            raise BadRequestError(f"--label-names must be distinct non-empty names, got {label_names}", code="bad_labels")
+            raise BadRequestError(
+                f"--label-names must be distinct non-empty names, got {label_names}", code="bad_labels"
+            )
         return list(label_names)
     labels = sorted({e.label for e in train.examples}, key=_sort_key)
     if len(labels) < 2:
@@ -171,14 +184,20 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(fraction * len(ds)))
     ev, tr = sorted(order[:n_eval]), sorted(order[n_eval:])
-    return (Dataset([ds.examples[i] for i in tr], ds.bad, ds.source),
-            Dataset([ds.examples[i] for i in ev], Counter(), ds.source + f" (split {fraction})"))
+    return (
+        Dataset([ds.examples[i] for i in tr], ds.bad, ds.source),
+        Dataset([ds.examples[i] for i in ev], Counter(), ds.source + f" (split {fraction})"),
+    )
 
 
 def load_datasets(cfg) -> tuple[Dataset, Dataset | None, list[str]]:
     """Train and eval sets with resolved labels, from a config with the CLI's data fields."""
-    kw = dict(fmt=cfg.format, text_column=cfg.text_column, label_column=cfg.label_column,
-              text_pair_column=cfg.text_pair_column)
+    kw = dict(
+        fmt=cfg.format,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        text_pair_column=cfg.text_pair_column,
+    )
     train = read_examples(cfg.train, **kw)
     if not train.examples:
         raise BadRequestError(f"{cfg.train}: no usable rows (bad rows: {dict(train.bad)})", code="empty_dataset")
@@ -193,6 +212,7 @@ def load_datasets(cfg) -> tuple[Dataset, Dataset | None, list[str]]:
     if ev is not None:
         ev = subsample(resolve_labels(ev, labels, by_index), cfg.max_eval, cfg.seed + 1)
     if not train.examples:
-        raise BadRequestError(f"{cfg.train}: no row has a known label (bad rows: {dict(train.bad)})",
-                              code="empty_dataset")
+        raise BadRequestError(
+            f"{cfg.train}: no row has a known label (bad rows: {dict(train.bad)})", code="empty_dataset"
+        )
     return train, ev, labels

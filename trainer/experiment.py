@@ -17,6 +17,7 @@ checksum is verified unchanged); lengths that leave no room for text on the back
 Peak memory is the process high-water mark (see :mod:`.train`), so it is only an upper bound for later rows.
 Writes ``table1.json`` (config + rows + per-epoch histories) and ``table1.md`` to ``out``.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,25 +75,39 @@ def plan(cfg: ExperimentConfig, max_virtual: int) -> tuple[list[tuple[str, dict]
     """[(row name, TrainConfig overrides)], [skipped notes]."""
     rows, skipped = [], []
     ok = [p for p in cfg.lengths if p <= max_virtual]
-    skipped += [f"prefix P={p}: exceeds the {max_virtual} virtual tokens this backbone allows" for p in cfg.lengths
-                if p > max_virtual]
+    skipped += [
+        f"prefix P={p}: exceeds the {max_virtual} virtual tokens this backbone allows"
+        for p in cfg.lengths
+        if p > max_virtual
+    ]
     if "probe" in cfg.rows:
-        rows.append(("linear probe (frozen, head only)",
-                     dict(kind=None, head_lr=cfg.probe_head_lr or cfg.head_lr)))
+        rows.append(("linear probe (frozen, head only)", dict(kind=None, head_lr=cfg.probe_head_lr or cfg.head_lr)))
     if "prefix" in cfg.rows:
         rows += [(f"prefix P={p} (frozen)", dict(kind="prefix", num_virtual_tokens=p)) for p in ok]
         if cfg.init_from:
-            rows.append(("prefix, pre-trained init (frozen)", dict(kind="prefix", init_from=cfg.init_from,
-                                                                  num_virtual_tokens=None, prefix_projection=False)))
+            rows.append(
+                (
+                    "prefix, pre-trained init (frozen)",
+                    dict(kind="prefix", init_from=cfg.init_from, num_virtual_tokens=None, prefix_projection=False),
+                )
+            )
     if "ft" in cfg.rows:
         rows.append(("full fine-tuning", dict(kind=None, train_backbone=True)))
     if "prefix_ft" in cfg.rows:
         p = cfg.ft_prefix_length or (ok[0] if ok else None)
         if p:
-            rows.append((f"prefix P={p if not cfg.init_from else 'init'} + full fine-tuning",
-                         dict(kind="prefix", num_virtual_tokens=None if cfg.init_from else p, train_backbone=True,
-                              init_from=cfg.init_from,
-                              prefix_projection=cfg.prefix_projection and not cfg.init_from)))
+            rows.append(
+                (
+                    f"prefix P={p if not cfg.init_from else 'init'} + full fine-tuning",
+                    dict(
+                        kind="prefix",
+                        num_virtual_tokens=None if cfg.init_from else p,
+                        train_backbone=True,
+                        init_from=cfg.init_from,
+                        prefix_projection=cfg.prefix_projection and not cfg.init_from,
+                    ),
+                )
+            )
     return rows, skipped
 
 
@@ -111,15 +126,24 @@ def run_table1(cfg: ExperimentConfig) -> dict:
         started = time.time()
         res = train(_train_config(cfg, **over), backbone=backbone)
         n = res.log["trainable_params_total"]
-        results.append({
-            "row": name, "kind": over.get("kind"), "num_virtual_tokens": res.log["num_virtual_tokens"],
-            "train_backbone": bool(over.get("train_backbone")), "servable": res.packed is not None,
-            "accuracy": res.best.get("eval_accuracy"), "macro_f1": res.best.get("eval_macro_f1"),
-            "best_epoch": res.best["epoch"], "epochs_run": len(res.history),
-            "trainable_params": n, "trainable_pct_of_backbone": 100.0 * n / backbone_params,
-            "train_time_s": time.time() - started, "peak_memory_bytes": res.log["peak_memory_bytes"],
-            "history": res.history,
-        })
+        results.append(
+            {
+                "row": name,
+                "kind": over.get("kind"),
+                "num_virtual_tokens": res.log["num_virtual_tokens"],
+                "train_backbone": bool(over.get("train_backbone")),
+                "servable": res.packed is not None,
+                "accuracy": res.best.get("eval_accuracy"),
+                "macro_f1": res.best.get("eval_macro_f1"),
+                "best_epoch": res.best["epoch"],
+                "epochs_run": len(res.history),
+                "trainable_params": n,
+                "trainable_pct_of_backbone": 100.0 * n / backbone_params,
+                "train_time_s": time.time() - started,
+                "peak_memory_bytes": res.log["peak_memory_bytes"],
+                "history": res.history,
+            }
+        )
         _write(out, cfg, backbone, backbone_params, results, skipped)  # partial results survive a kill
     return _write(out, cfg, backbone, backbone_params, results, skipped)
 
@@ -127,24 +151,33 @@ def run_table1(cfg: ExperimentConfig) -> dict:
 def _write(out: Path, cfg, backbone, backbone_params: int, results: list[dict], skipped: list[str]) -> dict:
     import torch
 
-    report = {"config": asdict(cfg), "backbone": {"name": cfg.backbone, "fingerprint": backbone.fingerprint,
-                                                  "params": backbone_params},
-              "device": str(backbone.device), "torch_threads": torch.get_num_threads(),
-              "platform": platform.platform(), "rows": results, "skipped": skipped}
+    report = {
+        "config": asdict(cfg),
+        "backbone": {"name": cfg.backbone, "fingerprint": backbone.fingerprint, "params": backbone_params},
+        "device": str(backbone.device),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "rows": results,
+        "skipped": skipped,
+    }
     (out / "table1.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "table1.md").write_text(markdown(report))
     return report
 
 
 def markdown(report: dict) -> str:
-    lines = ["| row | accuracy | macro-F1 | trainable params | % of backbone | train time (s) | peak mem (MiB) | servable |",
-             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "| row | accuracy | macro-F1 | trainable params | % of backbone | train time (s) | peak mem (MiB) | servable |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
     for r in report["rows"]:
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
         f1 = "-" if r["macro_f1"] is None else f"{100 * r['macro_f1']:.2f}"
-        lines.append(f"| {r['row']} | {acc} | {f1} | {r['trainable_params']:,} | {r['trainable_pct_of_backbone']:.3f} "
-                     f"| {r['train_time_s']:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
-                     f"{'yes' if r['servable'] else 'no'} |")
+        lines.append(
+            f"| {r['row']} | {acc} | {f1} | {r['trainable_params']:,} | {r['trainable_pct_of_backbone']:.3f} "
+            f"| {r['train_time_s']:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{'yes' if r['servable'] else 'no'} |"
+        )
     for s in report.get("skipped", []):
         lines.append(f"\nSkipped: {s}")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ Decisions:
   (``"random"``; always with ``prefix_projection``), unless ``init`` (a pre-trained prefix) is given.
 * Tokenisation matches the engine: each text is truncated to ``min(max_length, room left by the adapter)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,10 +33,21 @@ from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to
 class AdapterModel(nn.Module):
     """``forward(input_ids, attention_mask, token_type_ids) -> logits (B, C)``."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, *, kind: str | None = "prefix",
-                 num_virtual_tokens: int = 20, prefix_projection: bool = False, encoder_hidden_size: int = 512,
-                 init: Tensor | None = None, head_dropout: float = 0.1, train_backbone: bool = False,
-                 seed: int = 0, prefix_init: str = "random"):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_labels: int,
+        *,
+        kind: str | None = "prefix",
+        num_virtual_tokens: int = 20,
+        prefix_projection: bool = False,
+        encoder_hidden_size: int = 512,
+        init: Tensor | None = None,
+        head_dropout: float = 0.1,
+        train_backbone: bool = False,
+        seed: int = 0,
+        prefix_init: str = "random",
+    ):
         super().__init__()
         c = encoder.config
         self.encoder = encoder
@@ -46,8 +58,9 @@ class AdapterModel(nn.Module):
         with torch.random.fork_rng(devices=[]):  # seeded init, independent of the global RNG state
             torch.manual_seed(seed)
             if kind == "prefix":
-                self.vconfig = PrefixConfig(num_virtual_tokens, self.layers, self.heads, self.hidden,
-                                            prefix_projection, encoder_hidden_size)
+                self.vconfig = PrefixConfig(
+                    num_virtual_tokens, self.layers, self.heads, self.hidden, prefix_projection, encoder_hidden_size
+                )
                 if init is None and prefix_init == "tokens" and not prefix_projection:
                     init = token_activations(encoder, num_virtual_tokens, gen)  # (P, layers*2*H)
                 self.virtual = PrefixEncoder(self.vconfig, None if init is None else init.float())
@@ -55,8 +68,9 @@ class AdapterModel(nn.Module):
                 self.vconfig = PromptConfig(num_virtual_tokens, self.hidden, self.layers, self.heads)
                 if init is None:  # random vocabulary embeddings: (Q, H)
                     vocab = encoder.embeddings.word_embeddings.weight
-                    ids = torch.randint(min(100, vocab.shape[0] - 1), vocab.shape[0], (num_virtual_tokens,),
-                                        generator=gen)
+                    ids = torch.randint(
+                        min(100, vocab.shape[0] - 1), vocab.shape[0], (num_virtual_tokens,), generator=gen
+                    )
                     init = vocab.detach()[ids.to(vocab.device)].float().cpu()
                 self.virtual = PromptEncoder(self.vconfig, init)
             elif kind is None:
@@ -80,9 +94,11 @@ class AdapterModel(nn.Module):
 
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Parameter groups by role: ``virtual``, ``head``, ``backbone`` (only when fine-tuning)."""
-        groups = {"virtual": [] if self.virtual is None else list(self.virtual.parameters()),
-                  "head": list(self.head.parameters()),
-                  "backbone": list(self.encoder.parameters()) if self.train_backbone else []}
+        groups = {
+            "virtual": [] if self.virtual is None else list(self.virtual.parameters()),
+            "head": list(self.head.parameters()),
+            "backbone": list(self.encoder.parameters()) if self.train_backbone else [],
+        }
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
     def virtual_tokens(self, batch: int, device) -> VirtualTokens | None:
@@ -146,8 +162,11 @@ def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator)
     for i, layer in enumerate(layers):
         attn = layer.attention.self
         for j, proj in enumerate((attn.key, attn.value)):
-            hooks.append(proj.register_forward_hook(
-                lambda _m, _inp, out, key=(i, j): captured.__setitem__(key, out[0].detach().float().cpu())))
+            hooks.append(
+                proj.register_forward_hook(
+                    lambda _m, _inp, out, key=(i, j): captured.__setitem__(key, out[0].detach().float().cpu())
+                )
+            )
     try:
         device = next(encoder.parameters()).device
         encoder(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
@@ -165,8 +184,12 @@ def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[li
     texts = [e.text for e in examples]
     pairs = [e.pair for e in examples]
     if any(p is not None for p in pairs):
-        rows = [tokenizer(t, p, truncation=True, max_length=room) if p is not None
-                else tokenizer(t, truncation=True, max_length=room) for t, p in zip(texts, pairs)]
+        rows = [
+            tokenizer(t, p, truncation=True, max_length=room)
+            if p is not None
+            else tokenizer(t, truncation=True, max_length=room)
+            for t, p in zip(texts, pairs)
+        ]
         ids = [r["input_ids"] for r in rows]
         types = [r.get("token_type_ids") or [0] * len(r["input_ids"]) for r in rows]
     else:
@@ -188,4 +211,4 @@ def batches(rows, batch_size: int, pad_id: int, device, generator: torch.Generat
     order = torch.randperm(len(rows), generator=generator).tolist() if generator is not None else range(len(rows))
     order = list(order)
     for start in range(0, len(order), batch_size):
-        yield collate([rows[i] for i in order[start:start + batch_size]], pad_id, device)
+        yield collate([rows[i] for i in order[start : start + batch_size]], pad_id, device)

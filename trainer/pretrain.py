@@ -19,6 +19,7 @@ materialised prefix, exactly PEFT's layout - and ``__metadata__``:
 ``pretraining`` (JSON: objective, mlm_prob, steps, losses, corpus lines). It has no head and is not servable.
 ``--init-from`` also accepts a packed prefix adapter (its ``prompt_embeddings`` are reused, head dropped).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from prefixserve.adapters.errors import (BadRequestError, FingerprintMismatchError, InvalidAdapterError,
-                                         PrefixServeError)
+from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchError, InvalidAdapterError, PrefixServeError
 
 PRETRAINED_FORMAT = "prefixserve.pretrained_prefix"
 PRETRAINED_VERSION = "1"
@@ -67,9 +67,12 @@ def load_mlm(name: str, device):
     model, info = AutoModelForMaskedLM.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
     missing = [k for k in info.get("missing_keys", []) if k.startswith(("cls.", "lm_head."))]
     if missing:
-        raise PrefixServeError(f"checkpoint {name!r} has no masked-LM head (missing {sorted(missing)[:3]}...); "
-                               "prefix pre-training needs a checkpoint saved with its MLM head", code="no_mlm_head",
-                               status=400)
+        raise PrefixServeError(
+            f"checkpoint {name!r} has no masked-LM head (missing {sorted(missing)[:3]}...); "
+            "prefix pre-training needs a checkpoint saved with its MLM head",
+            code="no_mlm_head",
+            status=400,
+        )
     head = getattr(model, "lm_head", None) or getattr(model, "cls", None)
     model = model.to(device).eval()
     model.requires_grad_(False)
@@ -93,7 +96,7 @@ def _batches(encoded, batch_size: int, pad_id: int, order):
     import torch
 
     for start in range(0, len(order), batch_size):
-        rows = [encoded[i] for i in order[start:start + batch_size]]
+        rows = [encoded[i] for i in order[start : start + batch_size]]
         t_max = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), t_max), pad_id, dtype=torch.long)  # (B, T)
         special = torch.ones((len(rows), t_max), dtype=torch.bool)  # (B, T): padding counts as special
@@ -111,9 +114,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     from prefixserve.adapters.backbone import load_backbone
     from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
-    from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv
-
-    from prefixserve.adapters.virtual_tokens import text_room
+    from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, text_room
 
     started = time.time()
     torch.manual_seed(cfg.seed)
@@ -125,8 +126,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if not lines:
         raise BadRequestError(f"corpus {cfg.corpus!r} has no non-empty line", code="empty_dataset")
     c = encoder.config
-    pc = PrefixConfig(cfg.num_virtual_tokens, c.num_hidden_layers, c.num_attention_heads, c.hidden_size,
-                      cfg.prefix_projection, cfg.encoder_hidden_size)
+    pc = PrefixConfig(
+        cfg.num_virtual_tokens,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.hidden_size,
+        cfg.prefix_projection,
+        cfg.encoder_hidden_size,
+    )
     prefix = PrefixEncoder(pc).to(device)
     room = text_room(encoder, cfg.num_virtual_tokens, cfg.max_length)
     enc = tok(lines, truncation=True, max_length=room, return_special_tokens_mask=True)
@@ -150,7 +157,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed + 7)
         losses = []
         with torch.no_grad():
-            for ids, special in _batches(encoded, cfg.batch_size, tok.pad_token_id, list(range(min(256, len(encoded))))):
+            for ids, special in _batches(
+                encoded, cfg.batch_size, tok.pad_token_id, list(range(min(256, len(encoded))))
+            ):
                 losses.append(float(mlm_loss(ids, special, gen)))
         return sum(losses) / len(losses)
 
@@ -159,7 +168,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
     opt = torch.optim.AdamW(prefix.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     loss_before = fixed_loss()
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
@@ -182,9 +192,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
     bar.close()
     loss_after = fixed_loss()
     flat = prefix.materialise().float().cpu()  # (P, layers*2*hidden)
-    log = {"args": asdict(cfg), "fingerprint": backbone.fingerprint, "steps": step, "lines": len(lines),
-           "loss_before": loss_before, "loss_after": loss_after, "train_losses_first_last": [losses[0], losses[-1]],
-           "train_time_s": time.time() - started}
+    log = {
+        "args": asdict(cfg),
+        "fingerprint": backbone.fingerprint,
+        "steps": step,
+        "lines": len(lines),
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "train_losses_first_last": [losses[0], losses[-1]],
+        "train_time_s": time.time() - started,
+    }
     data = dump_pretrained_prefix(flat, pc, backbone.fingerprint, log, base_model=str(cfg.backbone))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
@@ -198,13 +215,19 @@ def dump_pretrained_prefix(flat, config, fingerprint: str, log: dict, base_model
 
     from prefixserve.adapters.prefix import PrefixConfig
 
-    peft = PrefixConfig(config.num_virtual_tokens, config.num_layers, config.num_attention_heads,
-                        config.token_dim, False).to_peft_dict(base_model)
+    peft = PrefixConfig(
+        config.num_virtual_tokens, config.num_layers, config.num_attention_heads, config.token_dim, False
+    ).to_peft_dict(base_model)
     stats = {k: log.get(k) for k in ("steps", "lines", "loss_before", "loss_after")}
     stats.update(objective="mlm", mlm_prob=log.get("args", {}).get("mlm_prob"))
-    meta = {"format": PRETRAINED_FORMAT, "format_version": PRETRAINED_VERSION, "kind": "prefix",
-            "backbone": fingerprint, "adapter_config": json.dumps(peft, sort_keys=True),
-            "pretraining": json.dumps(stats, sort_keys=True)}
+    meta = {
+        "format": PRETRAINED_FORMAT,
+        "format_version": PRETRAINED_VERSION,
+        "kind": "prefix",
+        "backbone": fingerprint,
+        "adapter_config": json.dumps(peft, sort_keys=True),
+        "pretraining": json.dumps(stats, sort_keys=True),
+    }
     return save({"prompt_embeddings": flat.contiguous()}, metadata=meta)
 
 
@@ -229,24 +252,34 @@ def load_prefix_init(path: str, backbone, num_virtual_tokens: int | None = None)
     if fmt == FORMAT:
         packed = load_packed(p.read_bytes())
         if packed.meta.kind != "prefix":
-            raise InvalidAdapterError(f"--init-from {path!r} is a {packed.meta.kind} adapter, not a prefix",
-                                      code="bad_init")
+            raise InvalidAdapterError(
+                f"--init-from {path!r} is a {packed.meta.kind} adapter, not a prefix", code="bad_init"
+            )
         meta = {"backbone": packed.meta.fingerprint}
     elif fmt != PRETRAINED_FORMAT:
-        raise InvalidAdapterError(f"--init-from {path!r}: metadata format {fmt!r} is neither "
-                                  f"{PRETRAINED_FORMAT!r} nor {FORMAT!r}", code="bad_init")
+        raise InvalidAdapterError(
+            f"--init-from {path!r}: metadata format {fmt!r} is neither {PRETRAINED_FORMAT!r} nor {FORMAT!r}",
+            code="bad_init",
+        )
     if meta.get("backbone") != backbone.fingerprint:
-        raise FingerprintMismatchError(f"--init-from {path!r} was made for backbone {str(meta.get('backbone'))[:23]}"
-                                       f" but training uses {backbone.fingerprint[:23]}")
+        raise FingerprintMismatchError(
+            f"--init-from {path!r} was made for backbone {str(meta.get('backbone'))[:23]}"
+            f" but training uses {backbone.fingerprint[:23]}"
+        )
     flat = tensors.get("prompt_embeddings")
     c = backbone.config
     width = c.num_hidden_layers * 2 * c.hidden_size
     if flat is None or flat.ndim != 2 or flat.shape[1] != width:
-        raise InvalidAdapterError(f"--init-from {path!r}: prompt_embeddings shape "
-                                  f"{None if flat is None else tuple(flat.shape)} != (P, {width})", code="shape_mismatch")
+        raise InvalidAdapterError(
+            f"--init-from {path!r}: prompt_embeddings shape "
+            f"{None if flat is None else tuple(flat.shape)} != (P, {width})",
+            code="shape_mismatch",
+        )
     if num_virtual_tokens and flat.shape[0] != num_virtual_tokens:
-        raise BadRequestError(f"--init-from {path!r} has {flat.shape[0]} virtual tokens but --num-virtual-tokens "
-                              f"is {num_virtual_tokens}", code="shape_mismatch")
+        raise BadRequestError(
+            f"--init-from {path!r} has {flat.shape[0]} virtual tokens but --num-virtual-tokens is {num_virtual_tokens}",
+            code="shape_mismatch",
+        )
     if not torch.isfinite(flat).all():
         raise InvalidAdapterError(f"--init-from {path!r} has NaN or infinite values", code="non_finite")
     return flat.float()

@@ -16,6 +16,7 @@ Decisions (defaults after P-Tuning v2, tuned on Rotten Tomatoes with all-MiniLM-
 * Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process' peak RSS (``ru_maxrss``) -
   a process-wide high-water mark, so later rows of one experiment report at least the earlier rows' peak.
 """
+
 from __future__ import annotations
 
 import copy
@@ -171,10 +172,9 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from prefixserve.adapters.backbone import load_backbone
-
-    from .data import load_datasets
     from prefixserve.adapters.virtual_tokens import text_room
 
+    from .data import load_datasets
     from .model import AdapterModel, batches, tokenize
     from .pretrain import load_prefix_init
 
@@ -197,8 +197,9 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
             raise BadRequestError("--init-from starts a prefix: use it with --kind prefix", code="bad_init")
         init = load_prefix_init(cfg.init_from, backbone, cfg.num_virtual_tokens)
         if cfg.prefix_projection:
-            raise BadRequestError("--init-from gives a materialised prefix; it cannot seed --prefix-projection",
-                                  code="bad_init")
+            raise BadRequestError(
+                "--init-from gives a materialised prefix; it cannot seed --prefix-projection", code="bad_init"
+            )
     p = cfg.num_virtual_tokens or (init.shape[0] if init is not None else 20)
     p = p if cfg.kind else 0
     room = text_room(backbone.model, p, cfg.max_length)
@@ -206,10 +207,19 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
         raise BadRequestError(f"--num-virtual-tokens {p} leaves no room for text on this backbone", code="too_long")
     before = backbone_checksum(backbone.model)
     encoder = copy.deepcopy(backbone.model) if cfg.train_backbone else backbone.model
-    model = AdapterModel(encoder, len(labels), kind=cfg.kind, num_virtual_tokens=p,
-                         prefix_projection=cfg.prefix_projection, encoder_hidden_size=cfg.encoder_hidden_size,
-                         init=init, head_dropout=cfg.head_dropout, train_backbone=cfg.train_backbone, seed=cfg.seed,
-                         prefix_init=cfg.prefix_init)
+    model = AdapterModel(
+        encoder,
+        len(labels),
+        kind=cfg.kind,
+        num_virtual_tokens=p,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+        init=init,
+        head_dropout=cfg.head_dropout,
+        train_backbone=cfg.train_backbone,
+        seed=cfg.seed,
+        prefix_init=cfg.prefix_init,
+    )
     pad_id = backbone.tokenizer.pad_token_id
     train_rows = tokenize(backbone.tokenizer, train_ds.examples, labels, room)
     eval_rows = tokenize(backbone.tokenizer, eval_ds.examples, labels, room) if eval_ds and len(eval_ds) else []
@@ -222,8 +232,14 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, loss_sum, seen = time.time(), 0.0, 0
-        bar = tqdm(batches(train_rows, cfg.batch_size, pad_id, device, gen), total=steps_per_epoch,
-                   desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, file=sys.stderr, leave=False)
+        bar = tqdm(
+            batches(train_rows, cfg.batch_size, pad_id, device, gen),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not cfg.progress,
+            file=sys.stderr,
+            leave=False,
+        )
         for ids, mask, types, y in bar:
             logits = model(ids, mask, types)  # (B, C)
             loss = F.cross_entropy(logits.float(), y)
@@ -264,13 +280,22 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     best_record = next(r for r in history if r["epoch"] == best["epoch"])
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     log = {
-        "args": {k: v for k, v in asdict(cfg).items()}, "labels": labels, "fingerprint": backbone.fingerprint,
-        "device": str(device), "num_virtual_tokens": p, "text_room": room,
-        "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+        "args": {k: v for k, v in asdict(cfg).items()},
+        "labels": labels,
+        "fingerprint": backbone.fingerprint,
+        "device": str(device),
+        "num_virtual_tokens": p,
+        "text_room": room,
+        "train_rows": len(train_rows),
+        "eval_rows": len(eval_rows),
         "bad_rows": {"train": dict(train_ds.bad), "eval": dict(eval_ds.bad) if eval_ds else {}},
-        "epochs": history, "best": best_record, "train_time_s": train_time,
-        "peak_memory_bytes": peak_memory_bytes(device), "trainable_params": trainable,
-        "trainable_params_total": sum(trainable.values()), "backbone_params": backbone_params,
+        "epochs": history,
+        "best": best_record,
+        "train_time_s": train_time,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "trainable_params": trainable,
+        "trainable_params_total": sum(trainable.values()),
+        "backbone_params": backbone_params,
         "backbone_unchanged": None if cfg.train_backbone else True,
     }
     if cfg.out and packed is not None:
@@ -299,8 +324,9 @@ def upload(url: str, prefix_id: str, api_key: str | None, data: bytes, timeout: 
             body = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")[:500]
-        raise PrefixServeError(f"upload to {target} failed: HTTP {exc.code}: {detail}", code="upload_failed",
-                               status=502) from None
+        raise PrefixServeError(
+            f"upload to {target} failed: HTTP {exc.code}: {detail}", code="upload_failed", status=502
+        ) from None
     except urllib.error.URLError as exc:
         raise PrefixServeError(f"upload to {target} failed: {exc.reason}", code="upload_failed", status=502) from None
     try:

@@ -1,4 +1,5 @@
 """Prefix-Tuning / P-Tuning v2: per-layer key/value virtual tokens (PEFT ``PREFIX_TUNING``)."""
+
 from .config import PrefixConfig
 from .model import PrefixEncoder
 

@@ -13,8 +13,10 @@ class PrefixConfig:
     token_dim: int = field(default=768, metadata={"help": "Hidden size of the backbone."})
     prefix_projection: bool = field(
         default=False,
-        metadata={"help": "Train through a 2-layer MLP (P-Tuning v2 reparameterisation); the file "
-                          "always holds the materialised K/V."},
+        metadata={
+            "help": "Train through a 2-layer MLP (P-Tuning v2 reparameterisation); the file "
+            "always holds the materialised K/V."
+        },
     )
     encoder_hidden_size: int = field(default=512, metadata={"help": "Hidden size of the projection MLP."})
 
@@ -25,10 +27,16 @@ class PrefixConfig:
 
     def to_peft_dict(self, base_model: str = "", task_type: str = "SEQ_CLS") -> dict:
         return {
-            "peft_type": "PREFIX_TUNING", "task_type": task_type, "base_model_name_or_path": base_model,
-            "num_virtual_tokens": self.num_virtual_tokens, "num_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads, "token_dim": self.token_dim,
+            "peft_type": "PREFIX_TUNING",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "token_dim": self.token_dim,
             "encoder_hidden_size": self.encoder_hidden_size if self.prefix_projection else self.token_dim,
-            "prefix_projection": self.prefix_projection, "num_transformer_submodules": 1,
-            "inference_mode": True, "modules_to_save": ["classifier", "score"],
+            "prefix_projection": self.prefix_projection,
+            "num_transformer_submodules": 1,
+            "inference_mode": True,
+            "modules_to_save": ["classifier", "score"],
         }

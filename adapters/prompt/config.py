@@ -18,9 +18,15 @@ class PromptConfig:
 
     def to_peft_dict(self, base_model: str = "", task_type: str = "SEQ_CLS") -> dict:
         return {
-            "peft_type": "PROMPT_TUNING", "task_type": task_type, "base_model_name_or_path": base_model,
-            "num_virtual_tokens": self.num_virtual_tokens, "token_dim": self.token_dim,
-            "num_layers": self.num_layers, "num_attention_heads": self.num_attention_heads,
-            "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", "inference_mode": True,
+            "peft_type": "PROMPT_TUNING",
+            "task_type": task_type,
+            "base_model_name_or_path": base_model,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": self.token_dim,
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_transformer_submodules": 1,
+            "prompt_tuning_init": "RANDOM",
+            "inference_mode": True,
             "modules_to_save": ["classifier", "score"],
         }

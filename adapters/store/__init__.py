@@ -9,6 +9,7 @@
 
 See :mod:`.base` for the semantics every backend keeps.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,41 @@ import tempfile
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BadRequestError
-from .base import (DEFAULT_KEEP_VERSIONS, AdapterStore, ChangeEvent, Quota, StoreBase, Subscription, TenantInfo,
-                   Validator, VersionedCache, VersionInfo, default_validator)
+from .base import (
+    DEFAULT_KEEP_VERSIONS,
+    AdapterStore,
+    ChangeEvent,
+    Quota,
+    StoreBase,
+    Subscription,
+    TenantInfo,
+    Validator,
+    VersionedCache,
+    VersionInfo,
+    default_validator,
+)
 from .ids import ID_PATTERN, check_id, check_tenant
 
 ENV_URL = "PREFIXSERVE_STORE"
 
-__all__ = ["open_store", "AdapterStore", "VersionInfo", "TenantInfo", "Quota", "ChangeEvent", "Subscription",
-           "VersionedCache", "Validator", "default_validator", "check_id", "check_tenant", "ID_PATTERN",
-           "DEFAULT_KEEP_VERSIONS", "ENV_URL", "StoreBase"]
+__all__ = [
+    "open_store",
+    "AdapterStore",
+    "VersionInfo",
+    "TenantInfo",
+    "Quota",
+    "ChangeEvent",
+    "Subscription",
+    "VersionedCache",
+    "Validator",
+    "default_validator",
+    "check_id",
+    "check_tenant",
+    "ID_PATTERN",
+    "DEFAULT_KEEP_VERSIONS",
+    "ENV_URL",
+    "StoreBase",
+]
 
 
 def open_store(url: str | None = None, *, validator: Validator | None = None, **opts) -> AdapterStore:
@@ -54,5 +81,6 @@ def open_store(url: str | None = None, *, validator: Validator | None = None, **
         from .file import FileStore
 
         return FileStore(tempfile.mkdtemp(prefix="prefixserve-store-"), validator=validator, url="memory://", **opts)
-    raise BadRequestError(f"unknown store URL scheme {scheme!r}: use file://, redis://, rediss:// or memory://",
-                          code="bad_store_url")
+    raise BadRequestError(
+        f"unknown store URL scheme {scheme!r}: use file://, redis://, rediss:// or memory://", code="bad_store_url"
+    )

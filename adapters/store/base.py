@@ -15,14 +15,16 @@ Decisions shared by every backend:
   revalidates every entry with a cheap ``head`` once it is older than ``max_staleness`` (1 s), so a
   lost message cannot keep a stale adapter alive for longer than that.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Callable, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from ..errors import InvalidAdapterError, QuotaExceededError
 
@@ -47,11 +49,13 @@ class Quota:
     def check(self, tenant: str, adapters: int, nbytes: int) -> None:
         """Raise ``QuotaExceededError`` if usage *after* a put would exceed this quota."""
         if self.max_adapters and adapters > self.max_adapters:
-            raise QuotaExceededError(f"tenant {tenant!r} may own at most {self.max_adapters} adapters",
-                                     code="quota_adapters")
+            raise QuotaExceededError(
+                f"tenant {tenant!r} may own at most {self.max_adapters} adapters", code="quota_adapters"
+            )
         if self.max_bytes and nbytes > self.max_bytes:
-            raise QuotaExceededError(f"tenant {tenant!r} would use {nbytes} bytes; its quota is {self.max_bytes}",
-                                     code="quota_bytes")
+            raise QuotaExceededError(
+                f"tenant {tenant!r} would use {nbytes} bytes; its quota is {self.max_bytes}", code="quota_bytes"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,17 @@ class VersionInfo:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "VersionInfo":
+    def from_json(cls, text: str | bytes) -> VersionInfo:
         d = json.loads(text)
-        return cls(d["tenant"], d["prefix_id"], int(d["version"]), d["sha256"], int(d["size"]),
-                   d.get("meta") or {}, float(d.get("created", 0.0)))
+        return cls(
+            d["tenant"],
+            d["prefix_id"],
+            int(d["version"]),
+            d["sha256"],
+            int(d["size"]),
+            d.get("meta") or {},
+            float(d.get("created", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,13 +133,14 @@ def meta_to_dict(meta) -> dict:
     elif is_dataclass(meta):
         meta = asdict(meta)
     if not isinstance(meta, dict):
-        raise InvalidAdapterError(f"validator returned {type(meta).__name__}, expected adapter metadata",
-                                  code="bad_metadata")
+        raise InvalidAdapterError(
+            f"validator returned {type(meta).__name__}, expected adapter metadata", code="bad_metadata"
+        )
     return json.loads(json.dumps(meta))  # tuples -> lists; fails loudly on non-JSON values
 
 
 class Subscription:
-    def __init__(self, store: "StoreBase", callback: Callable[[ChangeEvent], None]):
+    def __init__(self, store: StoreBase, callback: Callable[[ChangeEvent], None]):
         self._store, self.callback = store, callback
 
     def close(self) -> None:
@@ -231,8 +243,15 @@ class VersionedCache(Generic[T]):
     into tensors); it runs outside the lock.
     """
 
-    def __init__(self, store: AdapterStore, load: Callable[[VersionInfo, bytes], T] | None = None, *,
-                 max_staleness: float = 1.0, subscribe: bool = True, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        store: AdapterStore,
+        load: Callable[[VersionInfo, bytes], T] | None = None,
+        *,
+        max_staleness: float = 1.0,
+        subscribe: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store, self.max_staleness, self._clock = store, float(max_staleness), clock
         self._load = load or (lambda info, data: data)
         self._entries: dict[tuple[str, str], _Entry[T]] = {}

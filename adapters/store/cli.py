@@ -4,6 +4,7 @@ Both take ``--store URL`` (or env ``PREFIXSERVE_STORE``): ``file:///var/lib/pref
 ``redis://host:6379/0?prefix=ps:``. Output is a table for people, ``--json`` for scripts.
 Errors print ``{"error": {"code", "message"}}`` on stderr and exit with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,10 @@ import json
 import sys
 import time
 
-_EPILOG = ("store URLs: file:///path (one machine), redis://[:password@]host:port/db?prefix=ps: or rediss:// "
-           "(shared; password also from PREFIXSERVE_REDIS_PASSWORD). Default: env PREFIXSERVE_STORE.")
+_EPILOG = (
+    "store URLs: file:///path (one machine), redis://[:password@]host:port/db?prefix=ps: or rediss:// "
+    "(shared; password also from PREFIXSERVE_REDIS_PASSWORD). Default: env PREFIXSERVE_STORE."
+)
 
 
 def _open(args):
@@ -38,9 +41,16 @@ def _print(args, data, rows: list[dict] | None = None, columns: list[str] | None
 
 def _version_row(info) -> dict:
     m = info.meta
-    return {"id": info.prefix_id, "version": info.version, "size": info.size, "kind": m.get("kind", ""),
-            "p": m.get("num_virtual_tokens", ""), "labels": ",".join(map(str, m.get("labels", []))),
-            "sha256": info.sha256[:12], "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))}
+    return {
+        "id": info.prefix_id,
+        "version": info.version,
+        "size": info.size,
+        "kind": m.get("kind", ""),
+        "p": m.get("num_virtual_tokens", ""),
+        "labels": ",".join(map(str, m.get("labels", []))),
+        "sha256": info.sha256[:12],
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created)),
+    }
 
 
 _VERSION_COLUMNS = ["id", "version", "size", "kind", "p", "labels", "sha256", "created"]
@@ -90,8 +100,14 @@ def _quota(args):
 
 
 def _tenant_row(t) -> dict:
-    return {"tenant": t.name, "adapters": t.adapters, "bytes": t.bytes, "max_adapters": t.quota.max_adapters or "-",
-            "max_bytes": t.quota.max_bytes or "-", "keys": ",".join(t.key_ids)}
+    return {
+        "tenant": t.name,
+        "adapters": t.adapters,
+        "bytes": t.bytes,
+        "max_adapters": t.quota.max_adapters or "-",
+        "max_bytes": t.quota.max_bytes or "-",
+        "keys": ",".join(t.key_ids),
+    }
 
 
 def _tenant_create(args) -> int:
@@ -103,8 +119,12 @@ def _tenant_create(args) -> int:
 
 def _tenant_list(args) -> int:
     tenants = _open(args).list_tenants()
-    _print(args, [t.to_dict() for t in tenants], [_tenant_row(t) for t in tenants],
-           ["tenant", "adapters", "bytes", "max_adapters", "max_bytes", "keys"])
+    _print(
+        args,
+        [t.to_dict() for t in tenants],
+        [_tenant_row(t) for t in tenants],
+        ["tenant", "adapters", "bytes", "max_adapters", "max_bytes", "keys"],
+    )
     return 0
 
 
@@ -148,8 +168,7 @@ def _common(tenant: bool) -> argparse.ArgumentParser:
 
 
 def _add(sub, name, func, parent, help_text, description=None):
-    p = sub.add_parser(name, parents=[parent], help=help_text, description=description or help_text,
-                       epilog=_EPILOG)
+    p = sub.add_parser(name, parents=[parent], help=help_text, description=description or help_text, epilog=_EPILOG)
     p.set_defaults(func=func)
     return p
 
@@ -158,18 +177,30 @@ def _quota_args(p, defaults: bool) -> None:
     from .base import Quota
 
     d = Quota()
-    p.add_argument("--max-adapters", type=int, default=d.max_adapters if defaults else None,
-                   required=not defaults, help="adapters the tenant may own (0 = unlimited)" + (", default %(default)s" if defaults else ""))
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes if defaults else None,
-                   required=not defaults, help="total bytes of current versions (0 = unlimited)" + (", default %(default)s" if defaults else ""))
+    p.add_argument(
+        "--max-adapters",
+        type=int,
+        default=d.max_adapters if defaults else None,
+        required=not defaults,
+        help="adapters the tenant may own (0 = unlimited)" + (", default %(default)s" if defaults else ""),
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=d.max_bytes if defaults else None,
+        required=not defaults,
+        help="total bytes of current versions (0 = unlimited)" + (", default %(default)s" if defaults else ""),
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     store = subparsers.add_parser(
-        "store", help="list, push, pull and delete tenants' adapters in a store",
+        "store",
+        help="list, push, pull and delete tenants' adapters in a store",
         description="Manage adapters in the adapter store. Every push is validated, gets a new immutable "
         "version and becomes current atomically; the last few versions are kept for pull --version.",
-        epilog=_EPILOG)
+        epilog=_EPILOG,
+    )
     ssub = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     with_tenant = _common(tenant=True)
     _add(ssub, "ls", _store_ls, with_tenant, "list a tenant's adapters (current versions)")
@@ -186,10 +217,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("id")
 
     tenant = subparsers.add_parser(
-        "tenant", help="create, list and delete tenants; rotate or revoke their API keys",
+        "tenant",
+        help="create, list and delete tenants; rotate or revoke their API keys",
         description="Manage tenants. API keys (psk_...) are printed once and stored only as a salted "
         "HMAC-SHA256 peppered with PREFIXSERVE_KEY_PEPPER (use the same pepper on every server).",
-        epilog=_EPILOG)
+        epilog=_EPILOG,
+    )
     tsub = tenant.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
     plain = _common(tenant=False)
     p = _add(tsub, "create", _tenant_create, plain, "create a tenant and print its first API key")

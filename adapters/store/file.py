@@ -15,6 +15,7 @@ old or the new ``current.json``, and blobs never change once named. Writers of o
 serialise on its lock file, so the quota check and the publish are one atomic step. The change
 feed polls ``current.json`` inode/mtime every ``poll_interval`` seconds (no inotify).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 class FileStore(StoreBase):
-    def __init__(self, root: str | os.PathLike, *, validator=None, keep_versions: int = 3,
-                 poll_interval: float = 0.2, pepper: str | None = None, url: str | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        validator=None,
+        keep_versions: int = 3,
+        poll_interval: float = 0.2,
+        pepper: str | None = None,
+        url: str | None = None,
+    ):
         super().__init__(validator=validator, keep_versions=keep_versions)
         self.root = Path(os.path.realpath(os.path.expanduser(str(root))))
         for sub in ("tenants", "keys", "locks", "trash"):
@@ -120,7 +129,7 @@ class FileStore(StoreBase):
 
     def _collect(self, adir: Path, current: int) -> None:
         """Keep the newest ``keep_versions``; the current one is always the newest."""
-        for v in self._version_numbers(adir)[:-self.keep_versions]:
+        for v in self._version_numbers(adir)[: -self.keep_versions]:
             if v != current:
                 for ext in ("json", "bin"):  # metadata first: versions() never lists a blob-less version
                     with contextlib.suppress(FileNotFoundError):
@@ -244,6 +253,7 @@ class FileStore(StoreBase):
             rec["key_ids"] = [record["key_id"]] + ([] if revoke_old else old)
             if revoke_old:
                 self._remove_keys(old)
+
         self._update_tenant(name, change)
         return api_key
 
@@ -253,6 +263,7 @@ class FileStore(StoreBase):
             rec["key_ids"] = [k for k in rec["key_ids"] if k not in gone]
             self._remove_keys(gone)
             return len(gone)
+
         return self._update_tenant(name, change)
 
     def delete_tenant(self, name: str) -> None:

@@ -5,6 +5,7 @@
 file store additionally checks that every resolved path stays under its root (defence in depth
 against symlinks planted inside the store).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,10 @@ def check_id(value, what: str = "prefix id") -> str:
     """Return ``value`` if it is a valid tenant name / prefix id, else raise ``InvalidIdError``."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         shown = repr(value)[:60]
-        raise InvalidIdError(f"{what} {shown} is invalid: use 1-128 characters from A-Z a-z 0-9 . _ -, "
-                             "starting with a letter or digit", code="invalid_id")
+        raise InvalidIdError(
+            f"{what} {shown} is invalid: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit",
+            code="invalid_id",
+        )
     return value
 
 

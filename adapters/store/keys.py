@@ -11,6 +11,7 @@ works (salted HMAC with an empty key) and logs a warning once.
 The key id (16 hex chars) is a public handle embedded in the key: lookup is one GET by id, never
 a scan, and the comparison is ``hmac.compare_digest`` (constant time).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,13 @@ def parse_api_key(api_key) -> tuple[str, str] | None:
 def new_key(tenant: str, pepper: bytes) -> tuple[str, dict]:
     """A fresh API key (returned once) and the record to store for it (no secret inside)."""
     key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
-    record = {"key_id": key_id, "tenant": tenant, "salt": salt, "hash": hash_secret(secret, salt, pepper),
-              "created": time.time()}
+    record = {
+        "key_id": key_id,
+        "tenant": tenant,
+        "salt": salt,
+        "hash": hash_secret(secret, salt, pepper),
+        "created": time.time(),
+    }
     return f"{KEY_PREFIX}{key_id}_{secret}", record
 
 

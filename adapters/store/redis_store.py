@@ -23,6 +23,7 @@ Durability is Redis's: run it with ``appendonly yes`` (``appendfsync always`` to
 crash; ``everysec`` risks the last second). Connection errors retry with jittered exponential
 backoff (a restart is ridden out); when retries run out a ``StoreUnavailableError`` (503) is raised.
 """
+
 from __future__ import annotations
 
 import functools
@@ -143,6 +144,7 @@ return 1
 
 def _guard(method):
     """Turn connection trouble (after the client's own retries) into a 503 the server can report."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         import redis
@@ -153,6 +155,7 @@ def _guard(method):
             raise StoreUnavailableError(f"redis at {self.url} is unreachable: {exc}") from None
         except redis.ResponseError as exc:
             raise PrefixServeError(f"redis error: {exc}", code="store_error", status=500) from None
+
     return wrapper
 
 
@@ -179,13 +182,24 @@ def _feed_pubsub_class():
             super().on_connect(connection)
             if resubscribing and self.on_resubscribe is not None:
                 self.on_resubscribe()
+
     return FeedPubSub
 
 
 class RedisStore(StoreBase):
-    def __init__(self, url: str, *, validator=None, keep_versions: int = 3, prefix: str | None = None,
-                 password: str | None = None, pepper: str | None = None, retries: int = 8,
-                 health_check_interval: float = 10, socket_timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        *,
+        validator=None,
+        keep_versions: int = 3,
+        prefix: str | None = None,
+        password: str | None = None,
+        pepper: str | None = None,
+        retries: int = 8,
+        health_check_interval: float = 10,
+        socket_timeout: float = 5.0,
+    ):
         super().__init__(validator=validator, keep_versions=keep_versions)
         import redis
         from redis.backoff import ExponentialWithJitterBackoff
@@ -195,15 +209,27 @@ class RedisStore(StoreBase):
         parts = urlsplit(client_url)
         self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never echo a password
         self._r = redis.Redis.from_url(
-            client_url, password=secret, socket_timeout=socket_timeout, socket_connect_timeout=2.0,
+            client_url,
+            password=secret,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=2.0,
             retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=health_check_interval)
+            health_check_interval=health_check_interval,
+        )
         self._pepper = resolve_pepper(pepper)
         self.channel = f"{self.prefix}events"
-        self._scripts = {name: self._r.register_script(src) for name, src in (
-            ("publish", _PUBLISH), ("delete", _DELETE), ("delete_tenant", _DELETE_TENANT),
-            ("keys", _KEYS), ("revoke", _REVOKE), ("quota", _QUOTA))}
+        self._scripts = {
+            name: self._r.register_script(src)
+            for name, src in (
+                ("publish", _PUBLISH),
+                ("delete", _DELETE),
+                ("delete_tenant", _DELETE_TENANT),
+                ("keys", _KEYS),
+                ("revoke", _REVOKE),
+                ("quota", _QUOTA),
+            )
+        }
         self._feed_thread: threading.Thread | None = None
 
     def _k(self, *parts: str) -> str:
@@ -230,8 +256,17 @@ class RedisStore(StoreBase):
             event = json.dumps({"t": tenant, "p": prefix_id, "v": version})
             res = self._scripts["publish"](
                 keys=[self._k("t", tenant), self._k("a", tenant), self._k("vs", tenant, prefix_id), blob_key],
-                args=[prefix_id, version, info.to_json(), len(data), self.keep_versions,
-                      self._blob_prefix(tenant, prefix_id), self.channel, event])
+                args=[
+                    prefix_id,
+                    version,
+                    info.to_json(),
+                    len(data),
+                    self.keep_versions,
+                    self._blob_prefix(tenant, prefix_id),
+                    self.channel,
+                    event,
+                ],
+            )
             status = res[0].decode()
             if status == "ok":
                 return info
@@ -308,7 +343,8 @@ class RedisStore(StoreBase):
         event = json.dumps({"t": tenant, "p": prefix_id, "v": None})
         done = self._scripts["delete"](
             keys=[self._k("t", tenant), self._k("a", tenant), self._k("vs", tenant, prefix_id)],
-            args=[prefix_id, self._blob_prefix(tenant, prefix_id), self.channel, event])
+            args=[prefix_id, self._blob_prefix(tenant, prefix_id), self.channel, event],
+        )
         if not done:
             raise NotFoundError(_MISSING.format(prefix_id))
 
@@ -318,8 +354,17 @@ class RedisStore(StoreBase):
         quota = quota or Quota()
         ok = self._scripts["keys"](
             keys=[self._k("tenants"), self._k("t", name), self._k("tk", name), self._k("k", record["key_id"])],
-            args=[name, mode, json.dumps(record), record["key_id"], quota.max_adapters, quota.max_bytes,
-                  repr(time.time()), self.prefix])
+            args=[
+                name,
+                mode,
+                json.dumps(record),
+                record["key_id"],
+                quota.max_adapters,
+                quota.max_bytes,
+                repr(time.time()),
+                self.prefix,
+            ],
+        )
         return api_key if ok else None
 
     @_guard
@@ -339,16 +384,19 @@ class RedisStore(StoreBase):
     @_guard
     def revoke_key(self, name: str, key_id: str | None = None) -> int:
         check_tenant(name)
-        n = self._scripts["revoke"](keys=[self._k("t", name), self._k("tk", name)],
-                                    args=[self.prefix, "" if key_id is None else check_id(key_id, "key id")])
+        n = self._scripts["revoke"](
+            keys=[self._k("t", name), self._k("tk", name)],
+            args=[self.prefix, "" if key_id is None else check_id(key_id, "key id")],
+        )
         if n < 0:
             raise NotFoundError(f"tenant {name!r} not found")
         return int(n)
 
     @_guard
     def set_quota(self, name: str, quota: Quota) -> None:
-        done = self._scripts["quota"](keys=[self._k("t", check_tenant(name))],
-                                      args=[quota.max_adapters, quota.max_bytes])
+        done = self._scripts["quota"](
+            keys=[self._k("t", check_tenant(name))], args=[quota.max_adapters, quota.max_bytes]
+        )
         if not done:
             raise NotFoundError(f"tenant {name!r} not found")
 
@@ -361,13 +409,21 @@ class RedisStore(StoreBase):
         res = pipe.execute()
         out = []
         for i, name in enumerate(names):
-            rec, count, keys = res[3 * i:3 * i + 3]
+            rec, count, keys = res[3 * i : 3 * i + 3]
             if not rec:
                 continue
             rec = {k.decode(): v.decode() for k, v in rec.items()}
             quota = Quota(int(rec.get("max_adapters", 0)), int(rec.get("max_bytes", 0)))
-            out.append(TenantInfo(name, quota, int(count), int(rec.get("bytes", 0)),
-                                  tuple(sorted(k.decode() for k in keys)), float(rec.get("created", 0))))
+            out.append(
+                TenantInfo(
+                    name,
+                    quota,
+                    int(count),
+                    int(rec.get("bytes", 0)),
+                    tuple(sorted(k.decode() for k in keys)),
+                    float(rec.get("created", 0)),
+                )
+            )
         return out
 
     @_guard
@@ -386,9 +442,15 @@ class RedisStore(StoreBase):
     def delete_tenant(self, name: str) -> None:
         check_tenant(name)
         done = self._scripts["delete_tenant"](
-            keys=[self._k("tenants"), self._k("t", name), self._k("a", name), self._k("tk", name),
-                  self._k("seq", name)],
-            args=[name, self.prefix, self.channel])
+            keys=[
+                self._k("tenants"),
+                self._k("t", name),
+                self._k("a", name),
+                self._k("tk", name),
+                self._k("seq", name),
+            ],
+            args=[name, self.prefix, self.channel],
+        )
         if not done:
             raise NotFoundError(f"tenant {name!r} not found")
 
@@ -411,8 +473,9 @@ class RedisStore(StoreBase):
             if self._feed_thread is not None:
                 return
             ready = threading.Event()
-            self._feed_thread = threading.Thread(target=self._listen, args=(ready,), name="redisstore-feed",
-                                                 daemon=True)
+            self._feed_thread = threading.Thread(
+                target=self._listen, args=(ready,), name="redisstore-feed", daemon=True
+            )
             self._feed_thread.start()
         ready.wait(5.0)  # subscribed: events published from now on are delivered
 

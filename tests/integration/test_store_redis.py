@@ -1,4 +1,5 @@
 """Redis-only behaviour against a real redis-server: restarts, durability, auth, DB index, prefix, no KEYS."""
+
 from __future__ import annotations
 
 import threading
@@ -102,11 +103,11 @@ def test_password_db_index_and_prefix(redis_server, redis_prefix, monkeypatch):
         db3 = redis_server.client(db=3)
         assert db3.exists(f"{redis_prefix}a:acme") and not admin.exists(f"{redis_prefix}a:acme")
         monkeypatch.setenv("PREFIXSERVE_REDIS_PASSWORD", "s3cret")  # password from env, user from URL
-        env_store = open_store(f"redis://psuser@127.0.0.1:{redis_server.port}/3",
-                               validator=validator, prefix=redis_prefix)
+        env_store = open_store(
+            f"redis://psuser@127.0.0.1:{redis_server.port}/3", validator=validator, prefix=redis_prefix
+        )
         assert env_store.get("acme", "x")[1] == blob(1)
-        other_prefix = open_store(f"redis://psuser@127.0.0.1:{redis_server.port}/3?prefix=other:",
-                                  validator=validator)
+        other_prefix = open_store(f"redis://psuser@127.0.0.1:{redis_server.port}/3?prefix=other:", validator=validator)
         with pytest.raises(NotFoundError):
             other_prefix.get("acme", "x")
         monkeypatch.setenv("PREFIXSERVE_REDIS_PASSWORD", "wrong")

@@ -1,11 +1,13 @@
 """End-to-end: real HTTP (httpx) against a real Ray Serve app (Ingress -> 2 Backbone replicas) on a
 tiny synthetic RoBERTa, with a real redis-server store. One app for the whole module (Ray start and
 replica start-up dominate the cost)."""
+
 from __future__ import annotations
 
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +18,14 @@ httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
 
 UPLOAD_CAP = 256 * 1024
-TEXTS = ["this movie was really great", "the plot was boring and bad", "i love the actors",
-         "not good , not terrible", "영화 정말 최고", "the worst film ever made by anyone at all"]
+TEXTS = [
+    "this movie was really great",
+    "the plot was boring and bad",
+    "i love the actors",
+    "not good , not terrible",
+    "영화 정말 최고",
+    "the worst film ever made by anyone at all",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +37,31 @@ def server(ray_serve, redis_server, tiny_backbones, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("admin") / "admin_key"
     admin_key, _ = resolve_admin_key(key_file)
-    settings = dict(backbone=tiny_backbones["roberta"], store=redis_server.url + "?prefix=srvtest:", device="cpu",
-                    replicas=2, backbone_num_cpus=0.5, ingress_num_cpus=0.5, torch_threads=1,
-                    max_batch_size=16, batch_wait_timeout_s=0.01, max_inputs=8, max_upload_bytes=UPLOAD_CAP,
-                    admin_key_file=str(key_file))
+    settings = dict(
+        backbone=tiny_backbones["roberta"],
+        store=redis_server.url + "?prefix=srvtest:",
+        device="cpu",
+        replicas=2,
+        backbone_num_cpus=0.5,
+        ingress_num_cpus=0.5,
+        torch_threads=1,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.01,
+        max_inputs=8,
+        max_upload_bytes=UPLOAD_CAP,
+        admin_key_file=str(key_file),
+    )
     serve.run(build_app(settings), name="prefixserve-test", route_prefix="/")
     client = httpx.Client(base_url=ray_serve.url, timeout=60.0)
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    yield {"client": client, "admin": admin_key, "fingerprint": ready.json()["fingerprint"],
-           "backbone": tiny_backbones["roberta"], "settings": settings}
+    yield {
+        "client": client,
+        "admin": admin_key,
+        "fingerprint": ready.json()["fingerprint"],
+        "backbone": tiny_backbones["roberta"],
+        "settings": settings,
+    }
     client.close()
     serve.delete("prefixserve-test")
 
@@ -62,8 +85,9 @@ def packed_adapter(server, tmp_path, seed, labels=("neg", "pos"), p=5, method="p
 
 
 def put_packed(server, key, prefix_id, data):
-    return server["client"].put(f"/v1/prefixes/{prefix_id}", content=data,
-                                headers={**bearer(key), "Content-Type": "application/octet-stream"})
+    return server["client"].put(
+        f"/v1/prefixes/{prefix_id}", content=data, headers={**bearer(key), "Content-Type": "application/octet-stream"}
+    )
 
 
 def classify(client, key, prefix_id, inputs, pairs=None):
@@ -94,8 +118,12 @@ def test_health_ready_docs(server):
 def test_auth_401(server):
     c = server["client"]
     key = new_tenant(server, "authco")
-    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"},
-                    bearer("psk_0123456789abcdef_" + "x" * 43)):
+    for headers in (
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": "Basic abc"},
+        bearer("psk_0123456789abcdef_" + "x" * 43),
+    ):
         r = c.get("/v1/prefixes", headers=headers)
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == "unauthorized"
@@ -109,8 +137,10 @@ def test_peft_multipart_matches_peft(server, tmp_path):
 
     c, key = server["client"], new_tenant(server, "peftco")
     folder = make_peft_adapter(server["backbone"], tmp_path / "peft", "prefix", 5, 2, seed=7)
-    files = {"adapter_config": ("adapter_config.json", open(f"{folder}/adapter_config.json", "rb")),
-             "adapter_model": ("adapter_model.safetensors", open(f"{folder}/adapter_model.safetensors", "rb"))}
+    files = {
+        "adapter_config": ("adapter_config.json", Path(f"{folder}/adapter_config.json").read_bytes()),
+        "adapter_model": ("adapter_model.safetensors", Path(f"{folder}/adapter_model.safetensors").read_bytes()),
+    }
     r = c.put("/v1/prefixes/sentiment", files=files, data={"labels": '["negative", "positive"]'}, headers=bearer(key))
     assert r.status_code == 201, r.text
     meta = r.json()
@@ -129,8 +159,10 @@ def test_peft_multipart_matches_peft(server, tmp_path):
         assert pred["label"] == ["negative", "positive"][int(torch.argmax(logits))]
 
     # re-upload (multipart without labels -> LABEL_i): a new version, 200
-    files = {"adapter_config": open(f"{folder}/adapter_config.json", "rb"),
-             "adapter_model": open(f"{folder}/adapter_model.safetensors", "rb")}
+    files = {
+        "adapter_config": Path(f"{folder}/adapter_config.json").read_bytes(),
+        "adapter_model": Path(f"{folder}/adapter_model.safetensors").read_bytes(),
+    }
     r = c.put("/v1/prefixes/sentiment", files=files, headers=bearer(key))
     assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["labels"] == ["LABEL_0", "LABEL_1"]
 
@@ -140,10 +172,12 @@ def test_concurrent_mixed_equals_single(server, tmp_path):
     jobs = []
     for t in ("mixa", "mixb"):
         key = new_tenant(server, t)
-        for j, (p, labels, method) in enumerate([(3, ("a", "b"), "prefix"), (7, ("x", "y", "z"), "prefix"),
-                                                 (4, ("n", "p"), "prompt")]):
-            data = packed_adapter(server, tmp_path, seed=100 + 10 * j + len(t) + ord(t[-1]), labels=labels, p=p,
-                                  method=method)
+        for j, (p, labels, method) in enumerate(
+            [(3, ("a", "b"), "prefix"), (7, ("x", "y", "z"), "prefix"), (4, ("n", "p"), "prompt")]
+        ):
+            data = packed_adapter(
+                server, tmp_path, seed=100 + 10 * j + len(t) + ord(t[-1]), labels=labels, p=p, method=method
+            )
             assert put_packed(server, key, f"p{j}", data).status_code == 201
             for text in TEXTS[:4]:
                 jobs.append((key, f"p{j}", [text, TEXTS[-1]]))
@@ -176,8 +210,12 @@ def test_isolation(server, tmp_path):
     a, b = new_tenant(server, "isoa"), new_tenant(server, "isob")
     assert put_packed(server, a, "secret", packed_adapter(server, tmp_path, 1)).status_code == 201
     assert put_packed(server, b, "mine", packed_adapter(server, tmp_path, 2)).status_code == 201
-    for r in (classify(c, b, "secret", ["hi"]), c.get("/v1/prefixes/secret", headers=bearer(b)),
-              c.delete("/v1/prefixes/secret", headers=bearer(b)), classify(c, b, "missing", ["hi"])):
+    for r in (
+        classify(c, b, "secret", ["hi"]),
+        c.get("/v1/prefixes/secret", headers=bearer(b)),
+        c.delete("/v1/prefixes/secret", headers=bearer(b)),
+        classify(c, b, "missing", ["hi"]),
+    ):
         assert r.status_code == 404, r.text
         assert r.json()["error"]["code"] == "not_found"
     assert [p["prefix_id"] for p in c.get("/v1/prefixes", headers=bearer(b)).json()["prefixes"]] == ["mine"]
@@ -203,6 +241,7 @@ def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
         def one(_):
             sent = time.monotonic()
             return sent - t0, classify(c, key, "live", [TEXTS[0]])
+
         with ThreadPoolExecutor(4) as pool:
             for _ in range(max_calls // 4):
                 for at, r in pool.map(one, range(4)):
@@ -261,6 +300,7 @@ def test_limits_413_422_429(server, tmp_path):
     def chunks():  # no Content-Length: the streamed size must be counted
         for _ in range(8):
             yield b"\0" * (UPLOAD_CAP // 4)
+
     r = c.put("/v1/prefixes/big", content=chunks(), headers={**bearer(key), "Content-Type": "application/octet-stream"})
     assert r.status_code == 413, r.text
     assert c.get("/v1/prefixes/big", headers=bearer(key)).status_code == 404

@@ -1,4 +1,5 @@
 """`prefixserve store ...` and `prefixserve tenant ...` end to end, on a file store and on redis."""
+
 from __future__ import annotations
 
 import json
@@ -8,16 +9,24 @@ import pytest
 from prefixserve.server.cli import main
 
 
-
 @pytest.fixture(scope="module")
 def packed_file(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from prefixserve.adapters.format import dump_packed
 
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3, "token_dim": 16,
-              "num_layers": 2, "num_attention_heads": 2}
-    tensors = {"prompt_embeddings": torch.ones(3, 16),  # (Q, hidden) for a prompt
-               "base_model.classifier.weight": torch.zeros(2, 16), "base_model.classifier.bias": torch.zeros(2)}
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "SEQ_CLS",
+        "num_virtual_tokens": 3,
+        "token_dim": 16,
+        "num_layers": 2,
+        "num_attention_heads": 2,
+    }
+    tensors = {
+        "prompt_embeddings": torch.ones(3, 16),  # (Q, hidden) for a prompt
+        "base_model.classifier.weight": torch.zeros(2, 16),
+        "base_model.classifier.bias": torch.zeros(2),
+    }
     path = tmp_path_factory.mktemp("packed") / "a.safetensors"
     path.write_bytes(dump_packed(config, tensors, ["no", "yes"], "sha256:cli-test"))
     return path
@@ -72,8 +81,9 @@ def test_operator_workflow(capsys, store_url, packed_file, tmp_path):
     assert acme["name"] == "acme" and acme["adapters"] == 1 and acme["quota"]["max_adapters"] == 2
     rc, out, _ = run(capsys, "tenant", "rotate-key", "acme", "--store", store_url)
     assert rc == 0 and out.strip().startswith("psk_") and out.strip() != key
-    rc, out, _ = run(capsys, "tenant", "quota", "acme", "--store", store_url, "--max-adapters", "0",
-                     "--max-bytes", "0", "--json")
+    rc, out, _ = run(
+        capsys, "tenant", "quota", "acme", "--store", store_url, "--max-adapters", "0", "--max-bytes", "0", "--json"
+    )
     assert json.loads(out)["quota"] == {"max_adapters": 0, "max_bytes": 0}
     rc, _, _ = run(capsys, "store", "rm", "intent", *s)
     assert rc == 0

@@ -1,4 +1,5 @@
 """Packed format: lossless with PEFT folders, and every validation failure has its own error."""
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,14 @@ def test_metadata_round_trip(packed):
 
 def _rebuild(data, *, tensors=None, meta=None, config=None):
     af = load_packed(data)
-    header_meta = {"format": "prefixserve.adapter", "format_version": "1", "kind": af.meta.kind,
-                   "adapter_config": json.dumps(config or af.peft_config), "labels": json.dumps(list(af.meta.labels)),
-                   "backbone": af.meta.fingerprint}
+    header_meta = {
+        "format": "prefixserve.adapter",
+        "format_version": "1",
+        "kind": af.meta.kind,
+        "adapter_config": json.dumps(config or af.peft_config),
+        "labels": json.dumps(list(af.meta.labels)),
+        "backbone": af.meta.fingerprint,
+    }
     header_meta.update(meta or {})
     return st_save(tensors or dict(af.tensors), metadata=header_meta)
 
@@ -69,7 +75,7 @@ def test_header_length_cap(packed):
 def test_header_must_be_json(packed):
     data = packed[3]
     (n,) = struct.unpack("<Q", data[:8])
-    assert _code(data[:8] + b"{" * n + data[8 + n:]) == "bad_header"
+    assert _code(data[:8] + b"{" * n + data[8 + n :]) == "bad_header"
     assert _code(b"\x01\x02") == "bad_header"
 
 
@@ -147,8 +153,9 @@ def test_unsupported_peft_type_and_extra_tensors(packed):
 def test_dump_is_deterministic_and_validates(packed):
     af = load_packed(packed[3])
     a = dump_packed(af.peft_config, af.tensors, list(af.meta.labels), af.meta.fingerprint)
-    assert a == dump_packed(af.peft_config, dict(reversed(list(af.tensors.items()))), list(af.meta.labels),
-                            af.meta.fingerprint)
+    assert a == dump_packed(
+        af.peft_config, dict(reversed(list(af.tensors.items()))), list(af.meta.labels), af.meta.fingerprint
+    )
     with pytest.raises(InvalidAdapterError):
         dump_packed(af.peft_config, af.tensors, ["only-one"], af.meta.fingerprint)
 

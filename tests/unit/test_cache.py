@@ -1,4 +1,5 @@
 """Device adapter cache: LRU under a byte budget, pinning, counters, invalidation."""
+
 from prefixserve.adapters.cache import AdapterCache
 
 

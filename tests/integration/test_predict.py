@@ -1,4 +1,5 @@
 """Offline batch job: order kept, bad lines answered with errors, others still answered."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def job(tiny_backbones, tmp_path_factory):
     packed.write_bytes(pack_folder(prompt_dir, labels=["a", "b", "c"], fingerprint=fp))
     (root / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     lines = [
-        {"adapter": prefix_dir, "text": "great film"},          # PEFT folder without sidecar
+        {"adapter": prefix_dir, "text": "great film"},  # PEFT folder without sidecar
         {"adapter": str(packed), "text": "정말 재미 있다", "text_pair": "bad plot"},
         "{not json",
         {"adapter": str(root / "missing.safetensors"), "text": "x"},
@@ -42,7 +43,14 @@ def test_each_line_answered_in_order(job):
     res = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(res) == 7
     assert [r.get("error", {}).get("code") for r in res] == [
-        None, None, "bad_json", "adapter_not_found", "bad_header", "missing_adapter", None]
+        None,
+        None,
+        "bad_json",
+        "adapter_not_found",
+        "bad_header",
+        "missing_adapter",
+        None,
+    ]
     assert set(res[1]["scores"]) == {"a", "b", "c"} and res[1]["label"] in "abc"
     backbone = load_backbone(bdir)
     ref, _ = peft_logits(bdir, prefix_dir, 2, backbone.tokenizer, ["great film", "terrible movie"])

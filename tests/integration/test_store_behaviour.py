@@ -1,4 +1,5 @@
 """The same behavioural tests for every store backend: file:// and a real redis-server."""
+
 from __future__ import annotations
 
 import struct
@@ -48,6 +49,7 @@ def backend(request, tmp_path):
         store = open_store(url, validator=opts.pop("validator", fake_validator), **{**extra, **opts})
         opened.append(store)
         return store
+
     make.kind = request.param
     yield make
     for store in opened:
@@ -65,7 +67,9 @@ def test_round_trip_is_byte_exact_and_meta_comes_from_validator(store):
     data = make_blob(1) + b""
     info = store.put("acme", "sentiment", data)
     assert (info.version, info.size, info.tenant, info.prefix_id) == (1, len(data), "acme", "sentiment")
-    assert info.meta["kind"] == "prefix" and info.meta["labels"] == ["neg", "pos"] and info.meta["fingerprint"] == "fp-1"
+    assert (
+        info.meta["kind"] == "prefix" and info.meta["labels"] == ["neg", "pos"] and info.meta["fingerprint"] == "fp-1"
+    )
     got_info, got = store.get("acme", "sentiment")
     assert got == data and got_info == info == store.head("acme", "sentiment")
     assert store.list("acme") == [info]
@@ -85,8 +89,13 @@ def test_versions_increase_old_ones_are_collected_and_numbers_survive_delete(bac
     with pytest.raises(NotFoundError):
         store.get("acme", "x", version=1)  # collected
     store.delete("acme", "x")
-    for call in (lambda: store.get("acme", "x"), lambda: store.head("acme", "x"),
-                 lambda: store.versions("acme", "x"), lambda: store.get("acme", "x", 5), lambda: store.delete("acme", "x")):
+    for call in (
+        lambda: store.get("acme", "x"),
+        lambda: store.head("acme", "x"),
+        lambda: store.versions("acme", "x"),
+        lambda: store.get("acme", "x", 5),
+        lambda: store.delete("acme", "x"),
+    ):
         with pytest.raises(NotFoundError):
             call()
     assert store.put("acme", "x", make_blob(9)).version == 6  # never reuses a number a cache may hold
@@ -123,9 +132,13 @@ def test_tenants_are_isolated_and_existence_never_leaks(store):
     assert decode(store.get("globex", "sentiment")[1]) == 2
     store.put("acme", "only-acme", make_blob(3))
     errors = []
-    for call in (lambda: store.get("globex", "only-acme"), lambda: store.head("globex", "only-acme"),
-                 lambda: store.get("globex", "never-existed"), lambda: store.get("nobody", "only-acme"),
-                 lambda: store.delete("globex", "only-acme")):
+    for call in (
+        lambda: store.get("globex", "only-acme"),
+        lambda: store.head("globex", "only-acme"),
+        lambda: store.get("globex", "never-existed"),
+        lambda: store.get("nobody", "only-acme"),
+        lambda: store.delete("globex", "only-acme"),
+    ):
         with pytest.raises(NotFoundError) as err:
             call()
         errors.append((err.value.code, err.value.status))
@@ -135,12 +148,18 @@ def test_tenants_are_isolated_and_existence_never_leaks(store):
         store.put("nobody", "x", make_blob(1))
 
 
-@pytest.mark.parametrize("bad", ["", "../etc", "..", ".hidden", "a/b", "a\\b", "x" * 129, "a:b", "sp ace",
-                                 "é", "a\x00b", None, 7])
+@pytest.mark.parametrize(
+    "bad", ["", "../etc", "..", ".hidden", "a/b", "a\\b", "x" * 129, "a:b", "sp ace", "é", "a\x00b", None, 7]
+)
 def test_bad_ids_and_tenant_names_are_rejected_before_any_io(store, bad):
-    for call in (lambda: store.put("acme", bad, make_blob(1)), lambda: store.get("acme", bad),
-                 lambda: store.head(bad, "x"), lambda: store.create_tenant(bad), lambda: store.delete(bad, "x"),
-                 lambda: store.list(bad)):
+    for call in (
+        lambda: store.put("acme", bad, make_blob(1)),
+        lambda: store.get("acme", bad),
+        lambda: store.head(bad, "x"),
+        lambda: store.create_tenant(bad),
+        lambda: store.delete(bad, "x"),
+        lambda: store.list(bad),
+    ):
         with pytest.raises(InvalidIdError) as err:
             call()
         assert err.value.status == 400
@@ -200,7 +219,7 @@ def test_writer_overwriting_while_readers_read_never_tears(backend):
                 assert v >= last, "went back in time"
                 last = v
                 reads[i] += 1
-            except Exception as exc:  # noqa: BLE001 - collect, fail below
+            except Exception as exc:
                 problems.append(repr(exc))
                 return
 
@@ -231,6 +250,7 @@ def test_invalidation_reaches_a_second_client_within_one_second(backend):
         if not event.resync and event.prefix_id == "x":
             events.append(event)
             got.set()
+
     sub = b.subscribe(on_event)
     cache = VersionedCache(b, lambda info, data: decode(data), max_staleness=60)  # bound off: events only
     assert cache.get("acme", "x")[1] == 1
@@ -274,14 +294,22 @@ def test_default_validator_accepts_a_real_packed_adapter_and_rejects_junk(backen
     torch = pytest.importorskip("torch")
     from prefixserve.adapters.format import dump_packed
 
-    config = {"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 4, "token_dim": 32,
-              "num_layers": 2, "num_attention_heads": 4}
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "SEQ_CLS",
+        "num_virtual_tokens": 4,
+        "token_dim": 32,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+    }
     g = torch.Generator().manual_seed(0)
-    tensors = {"prompt_embeddings": torch.randn(4, 2 * 2 * 32, generator=g),  # (P, layers*2*hidden)
-               "base_model.classifier.dense.weight": torch.randn(32, 32, generator=g),
-               "base_model.classifier.dense.bias": torch.randn(32, generator=g),
-               "base_model.classifier.out_proj.weight": torch.randn(2, 32, generator=g),
-               "base_model.classifier.out_proj.bias": torch.randn(2, generator=g)}
+    tensors = {
+        "prompt_embeddings": torch.randn(4, 2 * 2 * 32, generator=g),  # (P, layers*2*hidden)
+        "base_model.classifier.dense.weight": torch.randn(32, 32, generator=g),
+        "base_model.classifier.dense.bias": torch.randn(32, generator=g),
+        "base_model.classifier.out_proj.weight": torch.randn(2, 32, generator=g),
+        "base_model.classifier.out_proj.bias": torch.randn(2, generator=g),
+    }
     data = dump_packed(config, tensors, ["neg", "pos"], "sha256:test-backbone")
     store = backend(validator=None)  # None -> format.inspect_packed
     store.create_tenant("acme")
@@ -292,3 +320,38 @@ def test_default_validator_accepts_a_real_packed_adapter_and_rejects_junk(backen
     with pytest.raises(InvalidAdapterError):
         store.put("acme", "junk", data[:100])
     assert [i.prefix_id for i in store.list("acme")] == ["real"]
+
+
+def accept_any(data: bytes) -> dict:
+    return {"kind": "prefix", "num_virtual_tokens": 1, "labels": ["a"], "fingerprint": "sha256:x"}
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_quota_holds_under_concurrent_puts(kind, request, tmp_path):
+    if kind == "file":
+        url = f"file://{tmp_path}/store"
+    else:
+        server = request.getfixturevalue("redis_server")
+        url = f"{server.url}?prefix={request.getfixturevalue('redis_prefix')}"
+    stores = [open_store(url, validator=accept_any) for _ in range(4)]
+    stores[0].create_tenant("acme", Quota(max_adapters=5, max_bytes=0))
+    results = []
+
+    def push(i):
+        for j in range(5):
+            try:
+                stores[i].put("acme", f"id{i}-{j}", b"x" * 100)
+                results.append("ok")
+            except QuotaExceededError:
+                results.append("quota")
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 5 and results.count("quota") == 15
+    info = stores[0].tenant_info("acme")
+    assert (info.adapters, info.bytes) == (5, 500)
+    for s in stores:
+        s.close()

@@ -1,4 +1,5 @@
 """Every row of a mixed-tenant batch equals the row alone AND PEFT's own PeftModel output (fp32, 1e-5)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,15 @@ from tests.fixtures.backbones import make_peft_adapter, peft_logits
 
 TOL = 1e-5
 # (method, num_virtual_tokens, num_labels): both kinds, different lengths and label counts
-ADAPTERS = [("prefix", 5, 2), ("prefix_projection", 11, 3), ("prompt", 4, 5), ("p_tuning", 7, 2),
-            ("prefix", 2, 4)]
-TEXTS = ["정말 재미 있다 movie", "bad plot and terrible actors were not fun at all", "the",
-         "great film 최고 감동", "i love this story", "boring 지루 하다"]
+ADAPTERS = [("prefix", 5, 2), ("prefix_projection", 11, 3), ("prompt", 4, 5), ("p_tuning", 7, 2), ("prefix", 2, 4)]
+TEXTS = [
+    "정말 재미 있다 movie",
+    "bad plot and terrible actors were not fun at all",
+    "the",
+    "great film 최고 감동",
+    "i love this story",
+    "boring 지루 하다",
+]
 
 
 @pytest.fixture(scope="module", params=["roberta", "bert"])

@@ -13,6 +13,7 @@ Validators, each with a negative test below:
                      and the import path really imports and builds the app (skipped only while
                      prefixserve.server.app does not exist yet).
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,12 +30,20 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = {"cpu-dev": "prefixserve-dev", "gpu-prod": "prefixserve"}   # overlay -> namespace
-K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())           # oldest we support, newest shipped
-BUILDER_ARGS = {"backbone", "store", "device", "dtype", "max_batch_size", "batch_wait_timeout_s", "cache_bytes",
-                "torch_threads"}
+OVERLAYS = {"cpu-dev": "prefixserve-dev", "gpu-prod": "prefixserve"}  # overlay -> namespace
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())  # oldest we support, newest shipped
+BUILDER_ARGS = {
+    "backbone",
+    "store",
+    "device",
+    "dtype",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "cache_bytes",
+    "torch_threads",
+}
 PLACEHOLDER_SECRETS = {"INSECURE-DEV-ADMIN-KEY-CHANGE-ME", "INSECURE-DEV-REDIS-PASSWORD-CHANGE-ME"}
 
 
@@ -77,8 +86,9 @@ def validate_rayservice(doc: dict) -> None:
     cluster = doc["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
     for group in groups:
-        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                      "template": group["template"]})
+        k8s_validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": group["template"]}
+        )
     if "serveService" in doc["spec"]:
         k8s_validate({"apiVersion": "v1", "kind": "Service", **doc["spec"]["serveService"]})
 
@@ -95,6 +105,7 @@ def validate_any(doc: dict) -> None:
 def _pydantic_model_in(annotation):
     """The pydantic model class inside Optional[...] / Union[...] / List[...], if any."""
     from pydantic import BaseModel
+
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
@@ -139,12 +150,13 @@ def validate_serve_config(cfg: dict) -> None:
         assert set(deployments) == {"Ingress", "Backbone"}, set(deployments)
         for d in deployments.values():
             if "autoscaling_config" in d:
-                AutoscalingConfig.model_validate(d["autoscaling_config"])   # min<=max, ranges
+                AutoscalingConfig.model_validate(d["autoscaling_config"])  # min<=max, ranges
         backbone = deployments["Backbone"]
         assert "autoscaling_config" in backbone and "num_replicas" not in backbone
         assert set(backbone["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
-        assert backbone["max_ongoing_requests"] >= backbone["user_config"]["max_batch_size"], \
+        assert backbone["max_ongoing_requests"] >= backbone["user_config"]["max_batch_size"], (
             "max_ongoing_requests < max_batch_size: a full batch can never form"
+        )
         assert deployments["Ingress"].get("ray_actor_options", {}).get("num_gpus", 0) == 0, "Ingress is CPU only"
 
 
@@ -153,6 +165,7 @@ def builder_args() -> set[str]:
     if importlib.util.find_spec("prefixserve.server.schemas") is None:
         return BUILDER_ARGS
     from prefixserve.server.schemas import AppSettings
+
     return set(AppSettings.model_fields)
 
 
@@ -173,7 +186,8 @@ def gpu_capacity_problems(rayservice: dict) -> list[str]:
         limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
         gpus_max += int(limits.get("nvidia.com/gpu", 0)) * group["maxReplicas"]
         if int(limits.get("nvidia.com/gpu", 0)) and not any(
-                t.get("key") == "nvidia.com/gpu" for t in group["template"]["spec"].get("tolerations", [])):
+            t.get("key") == "nvidia.com/gpu" for t in group["template"]["spec"].get("tolerations", [])
+        ):
             problems.append(f"{group['groupName']}: GPU pods without a nvidia.com/gpu toleration")
         if not group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]:
             problems.append(f"{group['groupName']}: replicas outside [minReplicas, maxReplicas]")
@@ -216,9 +230,10 @@ def test_yaml_negative():
 def test_overlay_builds_with_expected_objects(built, overlay):
     docs = built[overlay]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["Namespace", "ConfigMap", "Secret", "Service", "StatefulSet", "RayService",
-                            "PodMonitor"]), kinds
-    for d in docs:   # local-config Serve ConfigMap is a build input only; everything lands in one namespace
+    assert kinds == sorted(
+        ["Namespace", "ConfigMap", "Secret", "Service", "StatefulSet", "RayService", "PodMonitor"]
+    ), kinds
+    for d in docs:  # local-config Serve ConfigMap is a build input only; everything lands in one namespace
         assert "serve-config" not in d["metadata"]["name"]
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == OVERLAYS[overlay]
@@ -232,7 +247,8 @@ def test_overlay_builds_with_expected_objects(built, overlay):
 def test_kustomize_negative(tmp_path):
     (tmp_path / "kustomization.yaml").write_text(
         "resources: [cm.yaml]\npatches:\n- target: {kind: ConfigMap}\n"
-        "  patch: '[{op: replace, path: /data/missing, value: x}]'\n")
+        "  patch: '[{op: replace, path: /data/missing, value: x}]'\n"
+    )
     (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {k: v}\n")
     with pytest.raises(RuntimeError, match="failed"):
         kustomize_build(tmp_path)
@@ -250,7 +266,7 @@ def test_secrets_wiring(built):
     prod_secret = one(built["gpu-prod"], "Secret")
     values = {base64.b64decode(v).decode() for v in prod_secret["data"].values()}
     assert not values & PLACEHOLDER_SECRETS, "gpu-prod ships the base's placeholder secrets"
-    for docs in built.values():   # every secretKeyRef points at a key that exists
+    for docs in built.values():  # every secretKeyRef points at a key that exists
         secret = one(docs, "Secret")
         refs = [node["secretKeyRef"] for node in _walk(docs) if isinstance(node, dict) and "secretKeyRef" in node]
         assert len(refs) >= 6
@@ -273,11 +289,11 @@ def test_all_objects_match_their_schemas(built, overlay):
 
 def test_kubernetes_schema_negative(built):
     sts = copy.deepcopy(one(built["cpu-dev"], "StatefulSet"))
-    sts["spec"]["replica"] = sts["spec"].pop("replicas")          # misspelt field
+    sts["spec"]["replica"] = sts["spec"].pop("replicas")  # misspelt field
     with pytest.raises(kubernetes_validate.ValidationError):
         k8s_validate(sts)
     sts = copy.deepcopy(one(built["cpu-dev"], "StatefulSet"))
-    sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "6379"   # wrong type
+    sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "6379"  # wrong type
     with pytest.raises(kubernetes_validate.ValidationError):
         k8s_validate(sts)
 
@@ -286,13 +302,15 @@ def test_rayservice_schema_negative(built):
     good = one(built["gpu-prod"], "RayService")
     cases = [
         lambda rs: rs["spec"]["rayClusterConfig"].__setitem__(
-            "enableInTreeAutoscalling", rs["spec"]["rayClusterConfig"].pop("enableInTreeAutoscaling")),
+            "enableInTreeAutoscalling", rs["spec"]["rayClusterConfig"].pop("enableInTreeAutoscaling")
+        ),
         lambda rs: rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0),
         lambda rs: rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].__setitem__("maxReplicas", "8"),
         lambda rs: rs["spec"]["upgradeStrategy"].__setitem__("type", "BlueGreen"),
         # a bad field INSIDE a pod template is caught by the k8s schemas
-        lambda rs: rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
-        ["containers"][0].__setitem__("imagePullPolicy", 1),
+        lambda rs: rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][
+            0
+        ].__setitem__("imagePullPolicy", 1),
     ]
     for i, breaks in enumerate(cases):
         rs = copy.deepcopy(good)
@@ -337,10 +355,14 @@ def test_serve_config_negative(built):
 
     cases = {
         "typo in deployment": (lambda d: d["Backbone"].__setitem__("max_ongoing_request", 64), AssertionError),
-        "typo in autoscaling": (lambda d: d["Backbone"]["autoscaling_config"].__setitem__(
-            "target_ongoing_request", 4), AssertionError),
-        "typo in actor options": (lambda d: d["Backbone"]["ray_actor_options"].__setitem__("num_gpu", 1),
-                                  AssertionError),
+        "typo in autoscaling": (
+            lambda d: d["Backbone"]["autoscaling_config"].__setitem__("target_ongoing_request", 4),
+            AssertionError,
+        ),
+        "typo in actor options": (
+            lambda d: d["Backbone"]["ray_actor_options"].__setitem__("num_gpu", 1),
+            AssertionError,
+        ),
         "wrong type": (lambda d: d["Ingress"].__setitem__("num_replicas", "many"), ValidationError),
         "min > max": (lambda d: d["Backbone"]["autoscaling_config"].__setitem__("min_replicas", 9), ValidationError),
         "batch cannot form": (lambda d: d["Backbone"].__setitem__("max_ongoing_requests", 8), AssertionError),
@@ -393,8 +415,13 @@ def test_import_path_builds_the_app(built, tmp_path):
     ray_was_up = ray.is_initialized()  # the session's shared cluster may already run (server tests)
     for overlay in OVERLAYS:
         app_cfg = serve_config(one(built[overlay], "RayService"))["applications"][0]
-        args = {**app_cfg["args"], "backbone": str(backbone), "store": (tmp_path / "store").as_uri(),
-                "device": "cpu", "dtype": "float32"}
+        args = {
+            **app_cfg["args"],
+            "backbone": str(backbone),
+            "store": (tmp_path / "store").as_uri(),
+            "device": "cpu",
+            "dtype": "float32",
+        }
         app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg["import_path"]), args)
         assert isinstance(app, serve.Application), type(app)
         built_app = build_app(app, name=app_cfg["name"])
@@ -406,7 +433,7 @@ def test_import_path_builds_the_app(built, tmp_path):
 
 def dockerfile_problems(text: str, ray_version: str) -> list[str]:
     """Static checks of deploy/Dockerfile (no Docker engine here)."""
-    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     problems = []
     if f"rayproject/ray:{ray_version}-" not in text or "-gpu" not in text:
@@ -431,9 +458,10 @@ def dockerfile_problems(text: str, ray_version: str) -> list[str]:
 
 def test_dockerfile(built):
     import ray
+
     ray_version = one(built["gpu-prod"], "RayService")["spec"]["rayClusterConfig"]["rayVersion"]
     assert ray_version == ray.__version__, "image/rayVersion must match the Ray the project resolves"
     text = (DEPLOY / "Dockerfile").read_text()
     assert dockerfile_problems(text, ray_version) == []
     broken = text.replace("USER 1000:100\nWORKDIR", "WORKDIR").replace("COPY --chown=1000:100 server ./server\n", "")
-    assert len(dockerfile_problems(broken, ray_version)) == 2   # runs as root; server/ not copied
+    assert len(dockerfile_problems(broken, ray_version)) == 2  # runs as root; server/ not copied

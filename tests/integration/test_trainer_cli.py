@@ -1,4 +1,5 @@
 """CLI smoke tests for train / pretrain / experiment through ``prefixserve.server.cli.main``."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ def server():
     received = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_PUT(self):  # noqa: N802 (http.server naming)
+        def do_PUT(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             received.append({"path": self.path, "headers": dict(self.headers), "body": body})
             reply = json.dumps({"id": self.path.rsplit("/", 1)[-1], "version": 1}).encode()
@@ -43,10 +44,36 @@ def test_train_cli_writes_adapter_log_and_uploads(tiny_backbones, tmp_path, serv
     url, received = server
     train_file = write_tsv(tmp_path / "train.tsv", 64, 0, extra="99\t\t1\nbroken line\n")
     out = tmp_path / "adapter.safetensors"
-    rc = main(["train", "--backbone", tiny_backbones["bert"], "--train", train_file, "--eval-split", "0.25",
-               "--kind", "prefix", "--num-virtual-tokens", "3", "--epochs", "2", "--batch-size", "16",
-               "--label-names", "negative,positive", "--no-progress", "--out", str(out),
-               "--upload", url, "--prefix-id", "sentiment-v1", "--api-key", "sk-test"])
+    rc = main(
+        [
+            "train",
+            "--backbone",
+            tiny_backbones["bert"],
+            "--train",
+            train_file,
+            "--eval-split",
+            "0.25",
+            "--kind",
+            "prefix",
+            "--num-virtual-tokens",
+            "3",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--label-names",
+            "negative,positive",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--upload",
+            url,
+            "--prefix-id",
+            "sentiment-v1",
+            "--api-key",
+            "sk-test",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["upload"] == {"id": "sentiment-v1", "version": 1}
@@ -62,8 +89,18 @@ def test_train_cli_writes_adapter_log_and_uploads(tiny_backbones, tmp_path, serv
 
 
 def test_cli_errors_are_json_and_exit_2(tiny_backbones, tmp_path, capsys):
-    rc = main(["train", "--backbone", tiny_backbones["bert"], "--train", str(tmp_path / "missing.tsv"),
-               "--out", str(tmp_path / "x.safetensors"), "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--backbone",
+            tiny_backbones["bert"],
+            "--train",
+            str(tmp_path / "missing.tsv"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["error"]["code"] == "file_not_found"
 
@@ -72,18 +109,70 @@ def test_pretrain_then_train_init_from_cli(tiny_backbones, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join((FILLER + POS + NEG)[(i * 7 + j) % 20] for j in range(8)) for i in range(32)))
     prefix = tmp_path / "prefix.safetensors"
-    assert main(["pretrain", "--backbone", tiny_backbones["roberta"], "--corpus", str(corpus),
-                 "--num-virtual-tokens", "3", "--steps", "4", "--batch-size", "8", "--no-progress",
-                 "--out", str(prefix)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--backbone",
+                tiny_backbones["roberta"],
+                "--corpus",
+                str(corpus),
+                "--num-virtual-tokens",
+                "3",
+                "--steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--no-progress",
+                "--out",
+                str(prefix),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
     train_file = write_tsv(tmp_path / "train.tsv", 32, 0)
     out = tmp_path / "a.safetensors"
-    assert main(["train", "--backbone", tiny_backbones["roberta"], "--train", train_file, "--epochs", "1",
-                 "--init-from", str(prefix), "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--backbone",
+                tiny_backbones["roberta"],
+                "--train",
+                train_file,
+                "--epochs",
+                "1",
+                "--init-from",
+                str(prefix),
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert load_packed(out.read_bytes()).meta.num_virtual_tokens == 3
     # a prefix pre-trained on another backbone is refused with a clear code
-    assert main(["train", "--backbone", tiny_backbones["bert"], "--train", train_file, "--epochs", "1",
-                 "--init-from", str(prefix), "--no-progress", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--backbone",
+                tiny_backbones["bert"],
+                "--train",
+                train_file,
+                "--epochs",
+                "1",
+                "--init-from",
+                str(prefix),
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["error"]["code"] == "backbone_mismatch"
 
 
@@ -91,13 +180,39 @@ def test_experiment_table1_cli(tiny_backbones, tmp_path, capsys):
     train_file = write_tsv(tmp_path / "train.tsv", 32, 0)
     eval_file = write_tsv(tmp_path / "eval.tsv", 16, 1)
     out = tmp_path / "t1"
-    assert main(["experiment", "table1", "--backbone", tiny_backbones["bert"], "--train", train_file,
-                 "--eval", eval_file, "--lengths", "2,4,500", "--epochs", "1", "--batch-size", "16",
-                 "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "table1",
+                "--backbone",
+                tiny_backbones["bert"],
+                "--train",
+                train_file,
+                "--eval",
+                eval_file,
+                "--lengths",
+                "2,4,500",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "table1.json").read_text())
     names = [r["row"] for r in report["rows"]]
-    assert names == ["linear probe (frozen, head only)", "prefix P=2 (frozen)", "prefix P=4 (frozen)",
-                     "full fine-tuning", "prefix P=2 + full fine-tuning"]
+    assert names == [
+        "linear probe (frozen, head only)",
+        "prefix P=2 (frozen)",
+        "prefix P=4 (frozen)",
+        "full fine-tuning",
+        "prefix P=2 + full fine-tuning",
+    ]
     assert [r["servable"] for r in report["rows"]] == [False, True, True, False, False]
     assert report["skipped"] and "P=500" in report["skipped"][0]
     probe, ft = report["rows"][0], report["rows"][3]

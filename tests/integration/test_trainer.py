@@ -1,8 +1,10 @@
 """Trainer on tiny random backbones: data, loss, frozen backbone, export parity (engine + PEFT), pretrain."""
+
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +14,22 @@ from prefixserve.adapters.engine import Engine, Row
 from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchError, PrefixServeError
 from prefixserve.adapters.format import load_packed
 from prefixserve.adapters.peft_io import unpack
-from prefixserve.trainer.data import Example, load_datasets, read_examples
 from prefixserve.adapters.virtual_tokens import text_room
+from prefixserve.trainer.data import Example, load_datasets, read_examples
 from prefixserve.trainer.model import AdapterModel, collate, tokenize
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 
 TOL = 1e-5
-POS, NEG = "good great fun best love".split(), "bad terrible boring worst hate".split()
-FILLER = "the movie film plot actor story was it 영화 배우".split()
-TEXTS = ["the movie was good", "bad plot terrible actors were not fun at all", "영화 최고 감동", "fun",
-         " ".join(["movie"] * 200)]  # the last one is truncated by both the trainer and the engine
+POS, NEG = ["good", "great", "fun", "best", "love"], ["bad", "terrible", "boring", "worst", "hate"]
+FILLER = ["the", "movie", "film", "plot", "actor", "story", "was", "it", "영화", "배우"]
+TEXTS = [
+    "the movie was good",
+    "bad plot terrible actors were not fun at all",
+    "영화 최고 감동",
+    "fun",
+    " ".join(["movie"] * 200),
+]  # the last one is truncated by both the trainer and the engine
 
 
 def write_tsv(path, n=96, seed=0, extra: str = "") -> str:
@@ -77,8 +84,17 @@ def backbones(tiny_backbones):
 
 
 def cfg(bdir, data, **kw) -> TrainConfig:
-    base = dict(backbone=bdir, train=data["train"], eval=data["eval"], num_virtual_tokens=4, epochs=3,
-                batch_size=16, patience=0, progress=False, encoder_hidden_size=16)
+    base = dict(
+        backbone=bdir,
+        train=data["train"],
+        eval=data["eval"],
+        num_virtual_tokens=4,
+        epochs=3,
+        batch_size=16,
+        patience=0,
+        progress=False,
+        encoder_hidden_size=16,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -86,8 +102,11 @@ def cfg(bdir, data, **kw) -> TrainConfig:
 # ---- data ---------------------------------------------------------------------------------------
 def test_formats_labels_and_bad_rows(tmp_path):
     tsv = tmp_path / "a.tsv"
-    tsv.write_text('id\tdocument\tlabel\n1\t"quoted" good\t1\n2\t\t0\n3\tno label\t\n4\ttoo\tmany\tcells\n'
-                   '5\tfine\t0\n6\tunknown\t7\n', encoding="utf-8")
+    tsv.write_text(
+        'id\tdocument\tlabel\n1\t"quoted" good\t1\n2\t\t0\n3\tno label\t\n4\ttoo\tmany\tcells\n'
+        "5\tfine\t0\n6\tunknown\t7\n",
+        encoding="utf-8",
+    )
     ds = read_examples(tsv)
     assert [e.text for e in ds.examples] == ['"quoted" good', "fine", "unknown"]
     assert ds.bad == {"missing_text": 1, "missing_label": 1, "unparsable": 1}
@@ -116,8 +135,10 @@ def test_formats_labels_and_bad_rows(tmp_path):
 
 
 # ---- training -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,kind,projection", [("bert", "prefix", False), ("roberta", "prefix", True),
-                                                  ("roberta", "prompt", False), ("bert", "prompt", False)])
+@pytest.mark.parametrize(
+    "arch,kind,projection",
+    [("bert", "prefix", False), ("roberta", "prefix", True), ("roberta", "prompt", False), ("bert", "prompt", False)],
+)
 def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones, tiny_backbones, data, tmp_path):
     bb, bdir = backbones[arch], tiny_backbones[arch]
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
@@ -127,12 +148,18 @@ def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones,
     # only the adapter changed (backbone bitwise identical)
     after = bb.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    fresh = AdapterModel(bb.model, 2, kind=kind, num_virtual_tokens=4, prefix_projection=projection,
-                         encoder_hidden_size=16, seed=42)
+    fresh = AdapterModel(
+        bb.model, 2, kind=kind, num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16, seed=42
+    )
     assert not torch.equal(fresh.virtual.materialise(), res.model.virtual.materialise())
-    assert not torch.equal(fresh.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")],
-                           res.model.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")])
-    assert set(res.log["trainable_params"]) == {"virtual", "head", "backbone"} and res.log["trainable_params"]["backbone"] == 0
+    assert not torch.equal(
+        fresh.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")],
+        res.model.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")],
+    )
+    assert (
+        set(res.log["trainable_params"]) == {"virtual", "head", "backbone"}
+        and res.log["trainable_params"]["backbone"] == 0
+    )
 
     # the file on disk + the JSON log
     packed = out.read_bytes()
@@ -151,8 +178,9 @@ def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones,
         mine = res.model.eval()(ids, mask, types)  # (N, C)
     engine = Engine(bb)
     adapter = engine.adapter("t/a@1", lambda: packed)
-    other = engine.adapter("t/b@1", lambda: train(cfg(bdir, data, kind="prefix", num_virtual_tokens=2, epochs=1),
-                                                  backbone=bb).packed)
+    other = engine.adapter(
+        "t/b@1", lambda: train(cfg(bdir, data, kind="prefix", num_virtual_tokens=2, epochs=1), backbone=bb).packed
+    )
     batch = [r for t in TEXTS for r in (Row(adapter, t), Row(other, t))]
     served = torch.stack(engine.forward(batch)[0][::2])  # (N, C)
     assert (served - mine).abs().max() <= TOL
@@ -194,8 +222,9 @@ def test_prefix_init_from_token_activations(backbones):
     flat = model.virtual.materialise()  # (P, layers*2*H)
     assert flat.shape == (3, 2 * 2 * 32)
     kv = flat.view(3, 2, 2, 32)  # (P, layers, 2, H)
-    ids = torch.randint(min(1000, bb.config.vocab_size // 2), bb.config.vocab_size, (1, 3),
-                        generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        min(1000, bb.config.vocab_size // 2), bb.config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         hidden0 = bb.model.embeddings(input_ids=ids)  # (1, P, H): input of layer 0
         key0 = bb.model.encoder.layer[0].attention.self.key(hidden0)[0]  # (P, H)
@@ -210,8 +239,9 @@ def test_deterministic_for_a_seed(backbones, tiny_backbones, data):
 
 
 def test_early_stopping_keeps_best_epoch(backbones, tiny_backbones, data):
-    res = train(cfg(tiny_backbones["roberta"], data, epochs=8, patience=1, lr=0.5, head_lr=0.5),
-                backbone=backbones["roberta"])
+    res = train(
+        cfg(tiny_backbones["roberta"], data, epochs=8, patience=1, lr=0.5, head_lr=0.5), backbone=backbones["roberta"]
+    )
     accs = [h["eval_accuracy"] for h in res.history]
     assert res.best["eval_accuracy"] == max(accs)
     assert len(accs) == 8 or accs[-1] <= res.best["eval_accuracy"]
@@ -220,11 +250,14 @@ def test_early_stopping_keeps_best_epoch(backbones, tiny_backbones, data):
 def test_full_fine_tuning_leaves_the_shared_backbone_alone(backbones, tiny_backbones, data):
     bb = backbones["bert"]
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    res = train(cfg(tiny_backbones["bert"], data, kind=None, train_backbone=True, backbone_lr=1e-3, epochs=1),
-                backbone=bb)
+    res = train(
+        cfg(tiny_backbones["bert"], data, kind=None, train_backbone=True, backbone_lr=1e-3, epochs=1), backbone=bb
+    )
     assert res.packed is None and res.log["trainable_params"]["backbone"] > 0
     assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
-    assert not torch.equal(res.model.encoder.embeddings.word_embeddings.weight, bb.model.embeddings.word_embeddings.weight)
+    assert not torch.equal(
+        res.model.encoder.embeddings.word_embeddings.weight, bb.model.embeddings.word_embeddings.weight
+    )
 
 
 # ---- pre-trained prefix -------------------------------------------------------------------------
@@ -234,8 +267,19 @@ def pretrained(tiny_backbones, data):
     rng = random.Random(3)
     corpus.write_text("\n".join(" ".join(rng.choice(FILLER + POS + NEG) for _ in range(10)) for _ in range(64)))
     out = data["dir"] / "prefix.safetensors"
-    res = pretrain(PretrainConfig(backbone=tiny_backbones["roberta"], corpus=str(corpus), num_virtual_tokens=4,
-                                  steps=40, lr=3e-2, batch_size=16, out=str(out), progress=False, device="cpu"))
+    res = pretrain(
+        PretrainConfig(
+            backbone=tiny_backbones["roberta"],
+            corpus=str(corpus),
+            num_virtual_tokens=4,
+            steps=40,
+            lr=3e-2,
+            batch_size=16,
+            out=str(out),
+            progress=False,
+            device="cpu",
+        )
+    )
     return out, res
 
 
@@ -258,12 +302,13 @@ def test_init_from_round_trip_and_errors(pretrained, backbones, tiny_backbones, 
     assert torch.equal(init, res["prefix"])
     model = AdapterModel(bb.model, 2, kind="prefix", num_virtual_tokens=4, init=init)
     assert torch.equal(model.virtual.materialise(), res["prefix"])  # training starts exactly there
-    trained = train(cfg(tiny_backbones["roberta"], data, init_from=str(out), num_virtual_tokens=None, epochs=1),
-                    backbone=bb)
+    trained = train(
+        cfg(tiny_backbones["roberta"], data, init_from=str(out), num_virtual_tokens=None, epochs=1), backbone=bb
+    )
     assert trained.model.num_virtual_tokens == 4
     # a packed prefix adapter also seeds a prefix
     again = tiny_backbones["roberta"] + "-adapter.safetensors"
-    open(again, "wb").write(trained.packed)
+    Path(again).write_bytes(trained.packed)
     assert torch.equal(load_prefix_init(again, bb), trained.model.virtual.materialise())
     with pytest.raises(BadRequestError):  # length mismatch
         load_prefix_init(str(out), bb, num_virtual_tokens=5)

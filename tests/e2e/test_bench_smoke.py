@@ -3,6 +3,7 @@
 No timing assertions: this only proves the code paths (engine variants, PEFT baseline, profile,
 memory sizing, cache thrash, summary) work and produce well-formed JSON / markdown / PNG.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,40 @@ from bench import run_all
 @pytest.fixture(scope="module")
 def bench_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    return ["--shape", "tiny", "--cache-dir", str(root / "cache"), "--out", str(root / "results"),
-            "--device", "cpu", "--no-progress"], root / "results"
+    return [
+        "--shape",
+        "tiny",
+        "--cache-dir",
+        str(root / "cache"),
+        "--out",
+        str(root / "results"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ], root / "results"
 
 
 def test_engine_bench_writes_ratios_and_targets(bench_dirs):
     common_args, out = bench_dirs
-    result = engine_bench.main(common_args + ["--kinds", "prefix", "--distinct", "1", "10", "12", "--peft-tenants", "2",
-                                              "--reps", "1", "--batch", "8", "--tokens", "16"])
+    result = engine_bench.main(
+        common_args
+        + [
+            "--kinds",
+            "prefix",
+            "--distinct",
+            "1",
+            "10",
+            "12",
+            "--peft-tenants",
+            "2",
+            "--reps",
+            "1",
+            "--batch",
+            "8",
+            "--tokens",
+            "16",
+        ]
+    )
     group = result["groups"][0]
     names = set(group["variants"])
     assert {"backbone-only", "mixed-1", "mixed-10", "one-at-a-time-12", "peft-2"} <= names
@@ -41,8 +68,26 @@ def test_engine_bench_writes_ratios_and_targets(bench_dirs):
 
 def test_memory_bench_sizes_and_thrash(bench_dirs):
     common_args, out = bench_dirs
-    result = memory_bench.main(common_args + ["--p", "10", "200", "--sample", "2", "--fit", "2", "--hot", "6",
-                                              "--reps", "1", "--batch", "4", "--tokens", "16"])
+    result = memory_bench.main(
+        common_args
+        + [
+            "--p",
+            "10",
+            "200",
+            "--sample",
+            "2",
+            "--fit",
+            "2",
+            "--hot",
+            "6",
+            "--reps",
+            "1",
+            "--batch",
+            "4",
+            "--tokens",
+            "16",
+        ]
+    )
     by = {(s["kind"], s["p"]): s for s in result["sizes"]}
     assert by[("prefix", 200)]["device_bytes"] > by[("prefix", 10)]["device_bytes"]
     for s in result["sizes"]:  # the device copy holds the same tensors as the file (fp32 backbone)

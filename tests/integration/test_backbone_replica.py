@@ -1,0 +1,106 @@
+"""The Backbone replica and the quickstart demo in-process, on tiny backbones (no Ray cluster)."""
+
+from __future__ import annotations
+
+import os
+
+
+def test_quickstart_demo_adapter_runs(tiny_backbones):
+    from prefixserve.adapters.backbone import load_backbone
+    from prefixserve.adapters.engine import Engine, Row
+    from prefixserve.server.quickstart import demo_adapter
+
+    for arch in ("roberta", "bert"):
+        bb = load_backbone(tiny_backbones[arch], device="cpu")
+        data = demo_adapter(tiny_backbones[arch], bb.fingerprint, num_virtual_tokens=4)
+        engine = Engine(bb)
+        pred = engine.predict([Row(engine.to_device("demo", data), "this movie was great")])[0]
+        assert pred.label in ("negative", "positive") and abs(sum(pred.scores.values()) - 1) < 1e-5
+
+
+def test_quickstart_falls_back_when_offline(tiny_backbones, monkeypatch):
+    from prefixserve.server.quickstart import resolve_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_backbone(tiny_backbones["roberta"]) == (tiny_backbones["roberta"], None)
+    path, notice = resolve_backbone("klue/definitely-not-cached-model")
+    assert notice and "FALLING BACK" in notice and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def test_backbone_batches_across_requests_and_isolates_failures(tiny_backbones, tmp_path):
+    """The Backbone deployment class in-process (no cluster): rows of concurrent requests share forwards,
+    a missing adapter fails only its request, a failing row only itself. ``@serve.batch`` needs a replica
+    context, so here a minimal batcher with the same contract stands in for it (the e2e tests use the real one)."""
+    import asyncio
+
+    from prefixserve.adapters.store import open_store
+    from prefixserve.server.backbone_deployment import Backbone
+    from prefixserve.server.quickstart import demo_adapter
+
+    url = f"file://{tmp_path / 'store'}"
+    replica = Backbone.func_or_class(backbone=tiny_backbones["roberta"], store=url, device="cpu", torch_threads=1)
+
+    class Batcher:  # collects the rows queued in one event-loop pass, then ONE _forward
+        def __init__(self):
+            self.pending = []
+
+        async def __call__(self, row):
+            fut = asyncio.get_running_loop().create_future()
+            self.pending.append((row, fut))
+            if len(self.pending) == 1:
+                asyncio.get_running_loop().call_soon(self.flush)
+            return await fut
+
+        def flush(self):
+            batch, self.pending = self.pending, []
+            for (_, fut), res in zip(batch, replica._forward([r for r, _ in batch])):
+                fut.set_result(res)
+
+    replica._infer = Batcher()
+    store = open_store(url)
+    fp = replica.backbone.fingerprint
+    for tenant in ("a", "b"):
+        store.create_tenant(tenant)
+        for i in range(2):
+            store.put(
+                tenant,
+                f"p{i}",
+                demo_adapter(tiny_backbones["roberta"], fp, num_virtual_tokens=3 + i, seed=10 * ord(tenant) + i),
+            )
+    texts = ["this movie was great", "so boring", "i love it"]
+
+    async def run(requests):
+        return await asyncio.gather(*(replica.classify(r) for r in requests))
+
+    reqs = [{"tenant": t, "prefix_id": f"p{i}", "version": 1, "inputs": texts} for t in ("a", "b") for i in range(2)]
+    alone = [asyncio.run(run([r]))[0] for r in reqs]
+    together = asyncio.run(run(reqs + [{"tenant": "a", "prefix_id": "missing", "version": 1, "inputs": ["x"]}]))
+    assert together[-1]["error"]["code"] == "not_found" and together[-1]["error"]["status"] == 404
+    for one, many in zip(alone, together):
+        for x, y in zip(one["results"], many["results"]):
+            assert x["label"] == y["label"]
+            assert all(abs(x["scores"][k] - y["scores"][k]) < 1e-5 for k in x["scores"])
+    snap = together[0]["stats"]
+    assert sum(snap["batch_rows"]["counts"][3:]) >= 1  # a forward of > 4 rows: rows of several requests
+    assert sum(snap["batch_adapters"]["counts"][1:]) >= 1  # ... and of several adapters
+
+    from prefixserve.adapters.store import ChangeEvent
+
+    replica._on_change(ChangeEvent("a", "p1", 1))  # the version it holds: kept
+    replica._on_change(ChangeEvent("a", "p0", 2))  # superseded: dropped from the device
+    replica._on_change(ChangeEvent("b", "p0", None))  # deleted: dropped
+    assert "a/p1@1" in replica.engine.cache and "a/p0@1" not in replica.engine.cache
+    assert "b/p0@1" not in replica.engine.cache and "b/p1@1" in replica.engine.cache
+
+    real = replica.engine.predict
+
+    def flaky(rows):
+        if any(r.text == "boom" for r in rows):
+            raise RuntimeError("bad row")
+        return real(rows)
+
+    replica.engine.predict = flaky
+    out = asyncio.run(run([{"tenant": "a", "prefix_id": "p0", "version": 1, "inputs": ["fine", "boom", "ok"]}]))[0]
+    assert [("error" in r) for r in out["results"]] == [False, True, False]
+    assert out["results"][1]["error"]["code"] == "internal"
+    store.close()

@@ -1,0 +1,140 @@
+"""Server pieces that need no Ray cluster: settings, app builder, auth, CLI, metrics, quickstart demo."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from prefixserve.adapters.errors import AuthError
+
+
+def test_settings_validation():
+    from pydantic import ValidationError
+
+    from prefixserve.server.schemas import AppSettings
+
+    s = AppSettings(backbone="x", store="file:///tmp/s", max_batch_size=8)
+    assert s.backbone_max_ongoing == 16 and s.user_config() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    for bad in (
+        dict(store="/tmp/no-scheme"),
+        dict(max_batch_size=16, max_ongoing_requests=8),
+        dict(autoscaling={"min_replicas": 3, "max_replicas": 2}),
+        dict(unknown=1),
+    ):
+        with pytest.raises(ValidationError):
+            AppSettings(**bad)
+
+
+def test_build_app_loads_nothing(monkeypatch):
+    import prefixserve.adapters.backbone as bb
+    from prefixserve.server.app import backbone_options, build_app
+    from prefixserve.server.schemas import AppSettings
+
+    monkeypatch.setattr(bb, "load_backbone", lambda *a, **k: pytest.fail("model loaded while building the app"))
+    app = build_app(
+        {
+            "backbone": "nowhere/model",
+            "store": "redis://127.0.0.1:1/0",
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+            "max_batch_size": 4,
+        }
+    )
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    backbone = (
+        ingress.init_args[0]._bound_deployment
+        if hasattr(ingress.init_args[0], "_bound_deployment")
+        else ingress.init_args[0]
+    )
+    assert backbone.name == "Backbone"
+    opts = backbone_options(AppSettings(max_batch_size=4, replicas=2))
+    assert opts["num_replicas"] == 2 and opts["max_ongoing_requests"] >= 4
+    assert opts["user_config"]["max_batch_size"] == 4
+    auto = backbone_options(AppSettings(autoscaling={"min_replicas": 0, "max_replicas": 4}))
+    assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
+    assert auto["autoscaling_config"]["target_ongoing_requests"] == 32.0  # = max_batch_size by default
+
+
+def test_admin_key_file_and_env(tmp_path, monkeypatch):
+    from prefixserve.server.auth import ADMIN_KEY_ENV, resolve_admin_key
+
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    key, path = resolve_admin_key(tmp_path / "sub" / "admin_key")
+    assert path.is_file() and stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(key) > 30
+    assert resolve_admin_key(path) == (key, path)  # every replica reads the same key
+    monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
+    assert resolve_admin_key(path) == ("from-env", None)
+
+
+def test_authenticator():
+    from prefixserve.server.auth import Authenticator, bearer
+
+    class Store:
+        def authenticate(self, key):
+            return "acme" if key == "good" else None
+
+    auth = Authenticator(Store(), "admin-secret")
+    assert bearer("Bearer  tok ") == "tok" and bearer("bearer tok") == "tok"
+    for header in (None, "", "Basic tok", "Bearer", "Bearer "):
+        with pytest.raises(AuthError):
+            bearer(header)
+    assert auth.tenant("Bearer good") == "acme"
+    auth.admin("Bearer admin-secret")
+    for call, header in (
+        (auth.tenant, "Bearer bad"),
+        (auth.tenant, "Bearer admin-secret"),
+        (auth.admin, "Bearer good"),
+    ):
+        with pytest.raises(AuthError):
+            call(header)
+
+
+def test_serve_cli_parses():
+    from prefixserve.server.cli import build_parser
+    from prefixserve.server.serve_cli import settings_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "serve",
+            "--backbone",
+            "b",
+            "--store",
+            "file:///tmp/s",
+            "--autoscale",
+            "1:3",
+            "--max-batch-size",
+            "8",
+            "--batch-wait-ms",
+            "2",
+        ]
+    )
+    s = settings_from_args(args)
+    assert (s.autoscaling.min_replicas, s.autoscaling.max_replicas) == (1, 3)
+    assert s.max_batch_size == 8 and s.batch_wait_timeout_s == pytest.approx(0.002)
+    assert args.host == "127.0.0.1" and args.port == 8000
+    s = settings_from_args(parser.parse_args(["serve", "--backbone", "b", "--store", "memory://", "--replicas", "2"]))
+    assert s.replicas == 2 and s.autoscaling is None
+    for bad in (["--autoscale", "3:1"], ["--autoscale", "x"], ["--replicas", "2", "--autoscale", "1:2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--backbone", "b", "--store", "memory://", *bad])
+
+
+def test_metrics_render_with_backbone_snapshot():
+    from prefixserve.adapters.cache import CacheStats
+    from prefixserve.server.metrics import BackboneStats, IngressMetrics
+
+    stats = BackboneStats("r1")
+    stats.batch(rows=5, adapters=3, seconds=0.01)
+    stats.fetch(0.002)
+    m = IngressMetrics()
+    m.observe("/v1/classify", "acme", 200, 0.02)
+    m.observe("/v1/classify", "acme", 404, 0.01, code="not_found")
+    m.backbone_snapshot(stats.snapshot(CacheStats(hits=4, misses=1, evictions=0)))
+    text = m.render()[0].decode()
+    assert 'prefixserve_request_errors_total{code="not_found",tenant="acme"} 1.0' in text
+    assert 'prefixserve_adapter_cache_hits_total{replica="r1"} 4.0' in text
+    assert 'prefixserve_batch_rows_bucket{le="8",replica="r1"} 1.0' in text
+    assert 'prefixserve_batch_adapters_sum{replica="r1"} 3.0' in text
