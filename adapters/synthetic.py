@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.models.bert.tokenization_bert import BertTokenizerFast
 
 # A small vocabulary that covers English test sentences, digits and some Hangul syllables.
 _WORDS = [
@@ -114,10 +119,12 @@ def _vocab(special_first: list[str], size_hint: int) -> list[str]:
     return out
 
 
-def make_tokenizer(arch: str, size_hint: int = 512):
+def make_tokenizer(arch: str, size_hint: int = 512) -> BertTokenizerFast:
     """A fast WordPiece tokenizer (BERT special-token layout for ``bert``, KLUE's for ``roberta``)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
+
+    # transformers 5 keeps the alias in the model module but leaves it out of its typed top-level exports.
+    from transformers.models.bert.tokenization_bert import BertTokenizerFast
 
     if arch == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -144,6 +151,19 @@ def make_tokenizer(arch: str, size_hint: int = 512):
     )
 
 
+class _EncoderShape(TypedDict):
+    """The config fields BERT and RoBERTa share (a TypedDict so ``**`` keeps each field's type)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    hidden_dropout_prob: float
+    attention_probs_dropout_prob: float
+
+
 def make_backbone(
     out_dir: str | Path,
     arch: str = "roberta",
@@ -168,7 +188,7 @@ def make_backbone(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(arch, size_hint=min(vocab_size, 512))
     vocab_size = max(vocab_size, len(tokenizer))
-    common = dict(
+    common = _EncoderShape(
         vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -179,14 +199,15 @@ def make_backbone(
         attention_probs_dropout_prob=0.1,
     )
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if arch == "bert":
-        config = BertConfig(pad_token_id=0, type_vocab_size=type_vocab_size or 2, **common)
-        model = BertForPreTraining(config)  # keeps the pooler in the checkpoint, like bert-base
+        bert_config = BertConfig(pad_token_id=0, type_vocab_size=type_vocab_size or 2, **common)
+        model = BertForPreTraining(bert_config)  # keeps the pooler in the checkpoint, like bert-base
     elif arch == "roberta":
-        config = RobertaConfig(
+        roberta_config = RobertaConfig(
             pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=type_vocab_size or 1, **common
         )
-        model = RobertaForMaskedLM(config)
+        model = RobertaForMaskedLM(roberta_config)
     else:
         raise ValueError(f"arch must be 'bert' or 'roberta', got {arch!r}")
     # Random init is tiny; scale embeddings up a little so prefixes visibly move the logits.

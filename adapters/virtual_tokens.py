@@ -86,14 +86,19 @@ def prefix_to_kv(prefix: Tensor, layers: int, heads: int) -> Tensor:
     return kv.permute(1, 2, 3, 0, 4)  # (layers, 2, heads, P, head_dim)
 
 
-def _pack_prompts(tok_emb: Tensor, attention_mask: Tensor, token_type_ids: Tensor, vt: VirtualTokens):
-    """Place each row as ``[prompt_i ; tokens_i ; pad]``; returns (emb, token_mask, token_types)."""
+def _pack_prompts(
+    tok_emb: Tensor, attention_mask: Tensor, token_type_ids: Tensor, prompt: Tensor, prompt_len: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Place each row as ``[prompt_i ; tokens_i ; pad]``; returns (emb, token_mask, token_types).
+
+    ``prompt`` (B, Q_max, H) and ``prompt_len`` (B,) are :class:`VirtualTokens`' fields, passed once known present.
+    """
     batch, t_max, hidden = tok_emb.shape  # (B, T, H)
-    q_max = vt.prompt.shape[1]
+    q_max = prompt.shape[1]
     device = tok_emb.device
-    source = torch.cat([vt.prompt.to(tok_emb.dtype), tok_emb], dim=1)  # (B, Q_max+T, H)
+    source = torch.cat([prompt.to(tok_emb.dtype), tok_emb], dim=1)  # (B, Q_max+T, H)
     j = torch.arange(q_max + t_max, device=device).unsqueeze(0)  # (1, S)
-    q = vt.prompt_len.unsqueeze(1)  # (B, 1)
+    q = prompt_len.unsqueeze(1)  # (B, 1)
     in_prompt = j < q  # (B, S)
     text_idx = (j - q).clamp(min=0, max=t_max - 1)  # (B, S) index into the row's tokens
     gather = torch.where(in_prompt, j, q_max + text_idx)  # (B, S) index into `source`
@@ -126,7 +131,9 @@ def encode(
         token_type_ids = torch.zeros_like(input_ids)  # RoBERTa-style checkpoints have one type
     tok_emb = model.embeddings.word_embeddings(input_ids)  # (B, T, H)
     if vt.prompt is not None and vt.prompt.shape[1] > 0:
-        emb, token_mask, types = _pack_prompts(tok_emb, attention_mask, token_type_ids, vt)  # (B, S, H)
+        emb, token_mask, types = _pack_prompts(
+            tok_emb, attention_mask, token_type_ids, vt.prompt, vt.prompt_len
+        )  # (B, S, H)
     else:
         emb, token_mask, types = tok_emb, attention_mask, token_type_ids  # S = T
     seq = emb.shape[1]

@@ -1,6 +1,6 @@
-"""Autoscaling, shown: the Backbone deployment scales up under mixed-tenant load and back down after.
+"""Autoscaling, shown: the Worker deployment scales up under mixed-tenant load and back down after.
 
-Runs the real application on a local Ray cluster (loopback only) with Backbone autoscaling
+Runs the real application on a local Ray cluster (loopback only) with Worker autoscaling
 min 1 / max 3 replicas and short delays, then drives three phases of closed-loop HTTP load:
 idle (1 slow client) -> sustained load (N concurrent clients over 2 tenants x 3 adapters) ->
 cool-down (1 slow client) until Serve is back to one replica. Every answer is checked against
@@ -22,9 +22,40 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 TEXTS = ["great film 최고", "bad plot and terrible actors", "정말 재미 있다", "boring movie", "i love this story"]
+
+
+class Sample(TypedDict):
+    """One timeline point, taken by the sampler thread."""
+
+    t: float  # seconds since the load started
+    replicas: int
+    starting: int
+    status: str
+    in_flight: int
+    phase: str
+
+
+class RequestRecord(TypedDict):
+    t: float  # when the request was sent (seconds since the load started, once drive() returns)
+    latency_s: float
+    ok: bool
+    correct: bool
+    phase: str
+
+
+@dataclass
+class _DriveState:
+    """Shared by the client coroutines, the sampler thread and the phase loop of :func:`drive`."""
+
+    phase: str = ""
+    stop: bool = False  # ends the sampler thread
+    stop_early: Callable[[], bool] | None = None  # the running phase's early end (cool-down), checked by clients
 
 
 def make_adapters(backbone, n_per_tenant: int = 3):
@@ -57,7 +88,7 @@ def expected_answers(backbone, adapters) -> dict:
     return want
 
 
-def replica_count(app: str, deployment: str = "Backbone") -> tuple[int, int, str]:
+def replica_count(app: str, deployment: str = "Worker") -> tuple[int, int, str]:
     """(running, starting, deployment status) of ``deployment``; starting covers pending actors too."""
     from ray import serve
 
@@ -79,15 +110,16 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
 
     from prefixserve.server.app import APP_NAME
 
-    records, timeline = [], []
+    records: list[RequestRecord] = []
+    timeline: list[Sample] = []
     in_flight = 0
-    state = {"clients": 0, "stop": False, "phase": ""}
+    state = _DriveState()
     pairs = list(adapters)
 
     async def client(i: int, until: float, pause: float, http: httpx.AsyncClient):
         nonlocal in_flight
         n = 0
-        while time.monotonic() < until and not state.get("until", lambda: False)():
+        while time.monotonic() < until and not (state.stop_early is not None and state.stop_early()):
             tenant, pid = pairs[(i + n) % len(pairs)]
             text = TEXTS[(i * 7 + n) % len(TEXTS)]
             n += 1
@@ -113,13 +145,13 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
             finally:
                 in_flight -= 1
             records.append(
-                {"t": t0, "latency_s": time.monotonic() - t0, "ok": ok, "correct": correct, "phase": state["phase"]}
+                {"t": t0, "latency_s": time.monotonic() - t0, "ok": ok, "correct": correct, "phase": state.phase}
             )
             if pause:
                 await asyncio.sleep(pause)
 
     def sampler(t_start: float):  # a plain thread: a slow serve.status() never stalls the clients
-        while not state["stop"]:
+        while not state.stop:
             running, starting, status = replica_count(APP_NAME)
             timeline.append(
                 {
@@ -128,7 +160,7 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
                     "starting": starting,
                     "status": status,
                     "in_flight": in_flight,
-                    "phase": state["phase"],
+                    "phase": state.phase,
                 }
             )
             time.sleep(sample_s)
@@ -139,7 +171,7 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
     sampler_thread.start()
     async with httpx.AsyncClient(timeout=30, limits=limits) as http:
         for name, clients, duration, pause, until_replicas in phases:
-            state["phase"] = name
+            state.phase = name
             print(f"phase {name}: {clients} client(s), up to {duration:.0f}s", file=sys.stderr)
             end = time.monotonic() + duration
             if until_replicas is not None:  # cool-down: stop as soon as Serve is back to `until_replicas`
@@ -154,14 +186,14 @@ async def drive(base: str, keys: dict, adapters, want, phases, sample_s: float):
                         and last["status"] == "HEALTHY"
                     )
 
-                state["until"] = back_down
+                state.stop_early = back_down
             tasks = [asyncio.create_task(client(i, end, pause, http)) for i in range(clients)]
             # hard cap: a phase never outlives its duration plus one request timeout
             done, pending = await asyncio.wait(tasks, timeout=duration + 35)
             for task in pending:
                 task.cancel()
-            state.pop("until", None)
-    state["stop"] = True
+            state.stop_early = None
+    state.stop = True
     sampler_thread.join(timeout=10)
     for r in records:
         r["t"] -= t_start
@@ -186,7 +218,7 @@ def plot(timeline, records, path: Path) -> None:
         label="running + starting",
     )
     axes[0].legend(loc="upper right", fontsize=8)
-    axes[0].set_ylabel("Backbone replicas")
+    axes[0].set_ylabel("Worker replicas")
     axes[0].set_ylim(0, 3.5)
     axes[1].plot(t, [s["in_flight"] for s in timeline], color="tab:orange")
     axes[1].set_ylabel("requests in flight")
@@ -199,14 +231,14 @@ def plot(timeline, records, path: Path) -> None:
     axes[2].set_ylabel("latency (ms)")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("seconds")
-    phases = {}
+    phases: dict[str, list[float]] = {}  # phase -> [first, last] sample time
     for s in timeline:
         phases.setdefault(s["phase"], [s["t"], s["t"]])[1] = s["t"]
     for ax in axes:
         for name, (a, b) in phases.items():
             if name == "load":
                 ax.axvspan(a, b, color="grey", alpha=0.12)
-    axes[0].set_title("Backbone autoscaling under mixed-tenant load (shaded: load phase)")
+    axes[0].set_title("Worker autoscaling under mixed-tenant load (shaded: load phase)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -241,7 +273,7 @@ def main(argv=None) -> int:
         store=f"file://{work / 'store'}",
         max_batch_size=8,
         batch_wait_timeout_s=0.005,
-        backbone_num_cpus=0.5,
+        worker_num_cpus=0.5,
         ingress_num_cpus=0.25,
         torch_threads=1,
         autoscaling=Autoscaling(
@@ -280,7 +312,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    by_phase = {}
+    by_phase: dict[str, list[RequestRecord]] = {}
     for r in records:
         by_phase.setdefault(r["phase"], []).append(r)
     peak = max(s["replicas"] for s in timeline)
@@ -317,7 +349,7 @@ def main(argv=None) -> int:
     }
     targets = [  # same shape as bench.common.target, so run_all's SUMMARY lists them
         {
-            "name": "autoscale: peak Backbone replicas under load",
+            "name": "autoscale: peak Worker replicas under load",
             "measured": peak,
             "threshold": 2,
             "op": ">=",

@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from tqdm.auto import tqdm
@@ -121,6 +122,7 @@ def machine(device: torch.device) -> dict:
         peft_version = peft.__version__
     except ImportError:
         peft_version = None
+    cores: int | None  # None when the OS cannot tell
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -223,6 +225,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timing(TypedDict):
+    """One variant's repetitions, as :func:`interleaved` records them."""
+
+    seconds: list[float]  # the primary clock (``clock``)
+    wall: list[float]
+    cpu: list[float]
+    seqs: int  # sequences per call
+    clock: str  # "cpu" | "wall"
+
+
 def interleaved(
     variants: dict[str, Callable[[int], int]],
     reps: int,
@@ -232,7 +244,7 @@ def interleaved(
     desc: str = "",
     progress: bool = True,
     clock: str = "auto",
-) -> dict[str, dict]:
+) -> dict[str, Timing]:
     """Time every variant once per repetition, rotating the order each repetition.
 
     Each variant is ``fn(rep) -> sequences processed``. Returns ``{name: {"seconds": [...], "wall": [...],
@@ -245,7 +257,7 @@ def interleaved(
     if clock == "auto":
         clock = "wall" if device.type == "cuda" else "cpu"
     names = list(variants)
-    result = {name: {"seconds": [], "wall": [], "cpu": [], "seqs": 0, "clock": clock} for name in names}
+    result = {name: Timing(seconds=[], wall=[], cpu=[], seqs=0, clock=clock) for name in names}
     total = (warmup + reps) * len(names)
     bar = tqdm(total=total, desc=desc or "timing", disable=not progress, leave=False)
     for rep in range(-warmup, reps):
@@ -268,10 +280,11 @@ def interleaved(
     return result
 
 
-def summarize(timed: dict[str, dict], baseline: str) -> dict[str, dict]:
+def summarize(timed: dict[str, Timing], baseline: str) -> dict[str, dict]:
     """Per variant: median seconds, seq/s, and the median per-repetition throughput ratio vs ``baseline``
     on the primary clock (``ratio_vs_<baseline>``) and on wall time (``wall_ratio_vs_<baseline>``)."""
     out = {}
+    base = timed[baseline]
     for name, t in timed.items():
         secs = t["seconds"]
         med = statistics.median(secs)
@@ -281,9 +294,8 @@ def summarize(timed: dict[str, dict], baseline: str) -> dict[str, dict]:
             "median_s": med,
             "seqs_per_s": t["seqs"] / med,
         }
-        for key, prefix in (("seconds", ""), ("wall", "wall_")):
-            base = timed[baseline][key]
-            ratios = [(t["seqs"] / s) / (timed[baseline]["seqs"] / b) for s, b in zip(t[key], base)]
+        for prefix, mine, theirs in (("", t["seconds"], base["seconds"]), ("wall_", t["wall"], base["wall"])):
+            ratios = [(t["seqs"] / s) / (base["seqs"] / b) for s, b in zip(mine, theirs)]
             row[f"{prefix}ratio_vs_{baseline}"] = statistics.median(ratios)
             row[f"{prefix}ratio_min"], row[f"{prefix}ratio_max"] = min(ratios), max(ratios)
         row["wall_seqs_per_s"] = t["seqs"] / statistics.median(t["wall"])
@@ -292,7 +304,7 @@ def summarize(timed: dict[str, dict], baseline: str) -> dict[str, dict]:
     return out
 
 
-def median_ratio(timed: dict[str, dict], num: str, den: str) -> float:
+def median_ratio(timed: dict[str, Timing], num: str, den: str) -> float:
     """Median over repetitions of throughput(num) / throughput(den), both timed in the same repetition."""
     a, b = timed[num], timed[den]
     return statistics.median((a["seqs"] / x) / (b["seqs"] / y) for x, y in zip(a["seconds"], b["seconds"]))

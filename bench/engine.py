@@ -121,8 +121,9 @@ def run_group(bb, name: str, args, kind: str, p: int, batch: int, tokens: int, t
     if batch > 1 and not secondary and not args.no_one_at_a_time:
         variants[f"one-at-a-time-{top}"] = one_at_a_time(aset, texts, batch, top)
     peft = PeftServer(name, bb, aset.kept, progress=progress) if peft_n else None
-    for n in peft_n:
-        variants[f"peft-{n}"] = peft.variant(texts, batch, n)
+    if peft is not None:
+        for n in peft_n:
+            variants[f"peft-{n}"] = peft.variant(texts, batch, n)
     aset.kept.clear()
     timed = common.interleaved(
         variants, args.reps, bb.device, desc=f"{kind} P={p} b={batch} t={tokens}", progress=progress, warmup=args.warmup
@@ -157,7 +158,7 @@ def run_group(bb, name: str, args, kind: str, p: int, batch: int, tokens: int, t
 def profile(bb, args, texts: list[str]) -> dict:
     """Phase breakdown (interleaved, median) of backbone-only vs the engine at the headline setting,
     plus a torch.profiler top-ops table for one call of each."""
-    from prefixserve.adapters.engine import Row
+    from prefixserve.adapters.engine import AdapterKey, Row
     from prefixserve.adapters.virtual_tokens import VirtualTokens, encode
 
     h = headline(args)
@@ -192,7 +193,7 @@ def profile(bb, args, texts: list[str]) -> dict:
             plain(rows)
         # engine, step by step as Engine.forward does it
         ids, att, types, _ = clock("engine: tokenize", lambda: eng._tokenize(rows))
-        groups: dict[str, list[int]] = {}
+        groups: dict[AdapterKey, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
         vt = clock("engine: gather K/V", lambda: eng._virtual(rows, groups))
@@ -212,7 +213,7 @@ def profile(bb, args, texts: list[str]) -> dict:
     reps = 1 if args.quick else 3
     for rep in range(-1, reps):
         once(rep)
-    phases = {k: statistics.median(v[1:]) for k, v in phases.items()}  # first call is warm-up
+    median_phases = {k: statistics.median(v[1:]) for k, v in phases.items()}  # first call is warm-up
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -226,9 +227,7 @@ def profile(bb, args, texts: list[str]) -> dict:
         with torch_profile(activities=acts) as prof:
             fn(0)
         tables[label] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40)
-    aset = None  # free the resident adapters before the next configuration
-    gc.collect()
-    return {**h, "distinct_in_batch": distinct, "phases_s": phases, "torch_profiler": tables}
+    return {**h, "distinct_in_batch": distinct, "phases_s": median_phases, "torch_profiler": tables}
 
 
 # ---- report -------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ import gc
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import common
-from .workloads import AdapterSet, backbone_only, mixed, random_packed, raw_tensor_bytes
+from .workloads import AdapterSet, backbone_only, in_memory, mixed, random_packed, raw_tensor_bytes
 
 BUDGETS_GIB = (1, 8)
 
@@ -75,7 +76,7 @@ def sizes(bb, args) -> list[dict]:
             engine = Engine(bb, cache_bytes=2**62)
             cuda = bb.device.type == "cuda"
             before = _cuda_allocated(bb.device) if cuda else 0
-            loaded = [engine.adapter(f"t{i}", lambda data=data: data) for i, data in enumerate(packed)]
+            loaded = [engine.adapter(f"t{i}", in_memory(data)) for i, data in enumerate(packed)]
             if cuda:  # everything the copies allocated on the GPU
                 measured = (_cuda_allocated(bb.device) - before) / args.sample
             else:  # RSS is useless here (the allocator reuses freed blocks): count kept-alive storages
@@ -88,9 +89,9 @@ def sizes(bb, args) -> list[dict]:
                 if want > 50_000:  # tiny smoke-test shapes: too many entries to fill, use the arithmetic
                     fits[f"{gib}GiB"] = want
                     continue
-                cache = AdapterCache(gib * 2**30, lambda n: n)
-                for i in range(want + 5):
-                    cache.put(f"k{i}", int(accounted))
+                cache: AdapterCache[str, int] = AdapterCache(gib * 2**30, lambda n: n)
+                for i in range(want + 5):  # every key is new: each get() is a miss that inserts
+                    cache.get(f"k{i}", partial(int, accounted))
                 fits[f"{gib}GiB"] = len(cache)
             rows.append(
                 {

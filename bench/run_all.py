@@ -71,6 +71,7 @@ def run_bench(module: str, args) -> dict:
     try:
         proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
+        assert proc.stdout is not None  # stdout=PIPE above
         for line in proc.stdout:  # stream through, keep the tail for the summary
             sys.stdout.write(line)
             tail = (tail + [line.rstrip()])[-15:]
@@ -128,10 +129,10 @@ def _why_engine(engine: dict) -> list[str]:
             totals[label] = float(m.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[m.group(2)]
     lines = []
     if {"backbone-only", "mixed"} <= set(totals):
-        b, m = totals["backbone-only"], totals["mixed"]
+        backbone_s, mixed_s = totals["backbone-only"], totals["mixed"]
         lines += [
-            f"torch.profiler, one batch each: backbone-only {b * 1e3:.0f} ms vs mixed {m * 1e3:.0f} ms self CPU "
-            f"(engine overhead {m / b - 1:+.1%}); per-op tables in [engine.md](engine.md).",
+            f"torch.profiler, one batch each: backbone-only {backbone_s * 1e3:.0f} ms vs mixed {mixed_s * 1e3:.0f} ms "
+            f"self CPU (engine overhead {mixed_s / backbone_s - 1:+.1%}); per-op tables in [engine.md](engine.md).",
             "",
         ]
     lines += [

@@ -6,12 +6,12 @@ What it measures (one run, so the ratios compare like with like on a shared box)
 * **server**: N closed-loop clients (each sends its next request when the last one answered), over T
   tenants x P prefixes picked at random, ``--inputs`` rows per request, bounded by ``--requests`` and
   ``--duration``. Throughput (requests/s, rows/s) and p50/p95/p99 latency at the client, plus the
-  rows per forward the Backbone actually achieved (from ``/metrics``).
+  rows per forward the Workers actually achieved (from ``/metrics``).
 * **engine alone**: the same adapters and texts through ``Engine.predict`` in this process, in mixed
   batches of ``--max-batch-size`` rows with the same torch thread count: rows/s and per-batch latency.
   Timed before AND after the server load; the median is used.
 * **ratios**: server rows/s / engine rows/s, and server p50 / engine batch p50.
-* **upload -> visible everywhere**: PUT a new version, then classify until every Backbone replica seen
+* **upload -> visible everywhere**: PUT a new version, then classify until every Worker replica seen
   during the load answers with it; the time from the PUT's start (median, max over ``--visibility-reps``).
 
 Writes ``<out>/server_load.json`` and ``<out>/server_load_cdf.png`` (latency CDF).
@@ -45,14 +45,14 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=32, help="tokens per text (specials included)")
     p.add_argument("--requests", type=int, default=None, help="stop after this many requests (quick 600)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (quick 25)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="Backbone batch and engine batch (quick 8)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="Worker batch and engine batch (quick 8)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--replicas", type=int, default=1, help="Backbone replicas")
+    p.add_argument("--replicas", type=int, default=1, help="Worker replicas")
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch threads per Backbone replica AND for the engine-alone baseline "
+        help="torch threads per Worker replica AND for the engine-alone baseline "
         "(default: (cores - 1) // replicas, min 1: the ingress, proxy and clients need a core; "
         "oversubscribed OpenMP threads are several times slower on a shared box)",
     )
@@ -153,7 +153,7 @@ def closed_loop(url: str, jobs: list[tuple[str, str]], texts: list[str], args) -
 
 
 def batch_stats(metrics_text: str) -> dict:
-    """Mean rows and distinct adapters per forward, summed over Backbone replicas."""
+    """Mean rows and distinct adapters per forward, summed over Worker replicas."""
     sums: dict[str, float] = {}
     for line in metrics_text.splitlines():
         for name in ("prefixserve_batch_rows_sum", "prefixserve_batch_rows_count", "prefixserve_batch_adapters_sum"):
@@ -179,7 +179,8 @@ def visibility(c, key: str, prefix: str, versions: list[bytes], replicas: set[st
         )
         r.raise_for_status()
         puts.append(time.perf_counter() - t0)
-        want, seen = r.json()["version"], {}
+        want = r.json()["version"]
+        seen: dict[str, float] = {}  # replica -> seconds from the PUT to the first request it answered new
         while set(seen) < replicas and time.perf_counter() - t0 < 60:
             sent = time.perf_counter()
             r = c.post(
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
         max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_ms / 1000,
         replicas=args.replicas,
-        backbone_num_cpus=0.5,
+        worker_num_cpus=0.5,
         ingress_num_cpus=0.5,
         torch_threads=threads,
         max_inputs=max(64, args.inputs),

@@ -9,6 +9,7 @@ and successive batches walk the whole set (round-robin, the cache's worst order)
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,6 +38,11 @@ def raw_tensor_bytes(packed: bytes) -> int:
     from prefixserve.adapters.format import load_packed
 
     return sum(t.numel() * t.element_size() for t in load_packed(packed).tensors.values())
+
+
+def in_memory(packed: bytes) -> Callable[[], bytes]:
+    """An ``Engine.adapter`` loader for bytes already held (bound now, not when a loop variable moves on)."""
+    return lambda: packed
 
 
 class AdapterSet:
@@ -75,7 +81,7 @@ class AdapterSet:
             packed = self.pool[i] if i < len(self.pool) else random_packed(backbone, kind, p, seed=i)
             if i < keep_packed:
                 self.kept.append(packed)
-            self.engine.adapter(self.key(i), lambda packed=packed: packed)
+            self.engine.adapter(self.key(i), in_memory(packed))
         self.engine.cache.stats.hits = self.engine.cache.stats.misses = 0
 
     @staticmethod
@@ -150,6 +156,8 @@ class PeftServer:
                 model = PeftModel.from_pretrained(base, str(folder), adapter_name="t0")
             else:
                 model.load_adapter(str(folder), adapter_name=f"t{i}")
+        if model is None:
+            raise ValueError("PeftServer needs at least one packed adapter")
         self.model = model.to(self.device).eval()
         self.tenants = len(packed)
 

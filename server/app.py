@@ -2,7 +2,7 @@
 
 ``prefixserve.server.app:build_app`` takes the Serve config's ``args:`` dict (see
 :class:`~prefixserve.server.schemas.AppSettings`) and returns the bound application
-``Ingress -> Backbone``. Building loads nothing: the model is loaded in each Backbone replica's
+``Ingress -> Worker``. Building loads nothing: the backbone is loaded in each Worker replica's
 ``__init__``. A Serve config file for it::
 
     applications:
@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .schemas import AppSettings
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 APP_NAME = "prefixserve"
 
 
-def backbone_options(s: AppSettings) -> dict:
-    """``Deployment.options`` for Backbone: replicas or autoscaling, batching user_config, resources."""
+def worker_options(s: AppSettings) -> dict[str, Any]:
+    """``Deployment.options`` for the Worker: replicas or autoscaling, batching user_config, resources."""
     opts: dict[str, Any] = {
-        "max_ongoing_requests": s.backbone_max_ongoing,
+        "max_ongoing_requests": s.worker_max_ongoing,
         "user_config": s.user_config(),
-        "ray_actor_options": {"num_cpus": s.backbone_num_cpus, "num_gpus": s.backbone_num_gpus},
+        "ray_actor_options": {"num_cpus": s.worker_num_cpus, "num_gpus": s.worker_num_gpus},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 5,
     }
@@ -46,26 +49,20 @@ def backbone_options(s: AppSettings) -> dict:
     return opts
 
 
-def build_app(args: dict | None = None):
+def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
     """Serve application builder: ``args`` (dict or AppSettings) -> ``Application``. Loads no model."""
-    from .backbone_deployment import Backbone
     from .ingress import Ingress
+    from .worker import Worker
 
-    s = args if isinstance(args, AppSettings) else AppSettings(**(args or {}))
-    backbone = Backbone.options(**backbone_options(s)).bind(
-        backbone=s.backbone,
-        store=s.store,
-        device=s.device,
-        dtype=s.dtype,
-        cache_bytes=s.cache_bytes,
-        torch_threads=s.torch_threads,
-    )
-    ingress = Ingress.options(
+    s = args if isinstance(args, AppSettings) else AppSettings.model_validate(args or {})
+    # @serve.deployment makes Deployment objects; Ray's stubs still type them as the decorated classes
+    worker = Worker.options(**worker_options(s)).bind(s)  # type: ignore[attr-defined]
+    ingress = Ingress.options(  # type: ignore[attr-defined]
         num_replicas=s.ingress_replicas,
         max_ongoing_requests=s.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
     )
-    return ingress.bind(backbone, s.model_dump())
+    return ingress.bind(worker, s)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -3,16 +3,17 @@
 Decisions:
 * Request metrics (count, errors by code, latency) are recorded where requests arrive: the Ingress,
   in its own ``CollectorRegistry`` (one per process; no global registry clashes in tests).
-* Backbone metrics (rows per batch, distinct adapters per batch, cache hits/misses/evictions, store
-  fetch latency) happen in other processes. Each Backbone replica keeps cumulative counters and
-  small fixed-bucket histograms (:class:`Hist`) and piggybacks a snapshot on every classify reply;
+* Worker metrics (rows per batch, distinct adapters per batch, cache hits/misses/evictions, store
+  fetch latency) happen in other processes. Each Worker replica keeps cumulative counters and
+  small fixed-bucket histograms (:class:`Hist`) and piggybacks a typed :class:`WorkerSnapshot` on
+  every classify reply;
   the Ingress keeps the latest snapshot per replica and exposes it labelled ``replica``. Snapshots are
   cumulative, so a late or skipped one only delays the numbers; replicas silent for 10 min drop out.
-  With several Ingress replicas each exports the same Backbone series: aggregate with
-  ``max by (replica)``. The Backbone also reports to Ray's own metrics (``ray.serve.metrics``) when
+  With several Ingress replicas each exports the same Worker series: aggregate with
+  ``max by (replica)``. The Worker also reports to Ray's own metrics (``ray.serve.metrics``) when
   the Ray metrics agent runs, for clusters that scrape Ray instead.
 * Label cardinality is bounded: ``tenant`` (never prefix id), ``route`` (the route template),
-  ``code`` (the stable error code), ``replica`` (Backbone replicas).
+  ``code`` (the stable error code), ``replica`` (Worker replicas).
 """
 
 from __future__ import annotations
@@ -20,17 +21,40 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prefixserve.adapters.cache import CacheStats
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ADAPTER_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STALE_S = 600.0
+HISTOGRAMS = ("batch_rows", "batch_adapters", "fetch_seconds", "forward_seconds")
+
+
+@dataclass(frozen=True)
+class HistSnapshot:
+    """A histogram's state: upper bounds and non-cumulative counts per bucket (the last is +Inf)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: ``(le, cumulative count)`` up to ``+Inf``."""
+        out, total = [], 0
+        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts):
+            total += count
+            out.append((bound, float(total)))
+        return out
 
 
 class Hist:
-    """A fixed-bucket histogram that pickles as a plain dict (non-cumulative counts per bucket)."""
+    """A fixed-bucket histogram (non-cumulative counts per bucket)."""
 
-    def __init__(self, bounds):
+    def __init__(self, bounds: Iterable[float]):
         self.bounds = tuple(bounds)
         self.counts = [0] * (len(self.bounds) + 1)  # last bucket: +Inf
         self.sum = 0.0
@@ -39,12 +63,28 @@ class Hist:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def snapshot(self) -> dict:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+    def snapshot(self) -> HistSnapshot:
+        return HistSnapshot(self.bounds, tuple(self.counts), self.sum)
 
 
-class BackboneStats:
-    """What one Backbone replica counts; ``snapshot()`` travels back with each reply."""
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One Worker replica's cumulative counters; travels back with every classify reply."""
+
+    replica: str
+    cache: CacheStats
+    batch_rows: HistSnapshot
+    batch_adapters: HistSnapshot
+    fetch_seconds: HistSnapshot
+    forward_seconds: HistSnapshot
+    fetch_errors: int
+
+    def histograms(self) -> dict[str, HistSnapshot]:
+        return {name: getattr(self, name) for name in HISTOGRAMS}
+
+
+class WorkerStats:
+    """What one Worker replica counts; ``snapshot()`` travels back with each reply."""
 
     def __init__(self, replica: str):
         self.replica = replica
@@ -69,20 +109,19 @@ class BackboneStats:
         if self._ray:
             self._ray["fetch"].observe(seconds)
 
-    def snapshot(self, cache_stats) -> dict:
-        cache = cache_stats.to_dict() if hasattr(cache_stats, "to_dict") else dict(cache_stats)
-        return {
-            "replica": self.replica,
-            "cache": cache,
-            "batch_rows": self.batch_rows.snapshot(),
-            "batch_adapters": self.batch_adapters.snapshot(),
-            "fetch_seconds": self.fetch_seconds.snapshot(),
-            "forward_seconds": self.forward_seconds.snapshot(),
-            "fetch_errors": self.fetch_errors,
-        }
+    def snapshot(self, cache: CacheStats) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            replica=self.replica,
+            cache=CacheStats(**cache.to_dict()),  # a copy: the live one keeps counting
+            batch_rows=self.batch_rows.snapshot(),
+            batch_adapters=self.batch_adapters.snapshot(),
+            fetch_seconds=self.fetch_seconds.snapshot(),
+            forward_seconds=self.forward_seconds.snapshot(),
+            fetch_errors=self.fetch_errors,
+        )
 
 
-def _ray_metrics():
+def _ray_metrics() -> dict[str, Any] | None:
     """Ray-native histograms (exported by Ray's metrics agent); None outside a Serve replica."""
     try:
         from ray.serve.metrics import Histogram
@@ -107,9 +146,9 @@ def _ray_metrics():
 
 
 class IngressMetrics:
-    """The Ingress process's registry plus the latest Backbone snapshots."""
+    """The Ingress process's registry plus the latest Worker snapshots."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -130,7 +169,7 @@ class IngressMetrics:
             registry=self.registry,
         )
         self.rows = Counter("prefixserve_classify_rows_total", "classified inputs", ["tenant"], registry=self.registry)
-        self._snapshots: dict[str, tuple[float, dict]] = {}
+        self._snapshots: dict[str, tuple[float, WorkerSnapshot]] = {}
         self._lock = threading.Lock()
         self.registry.register(_SnapshotCollector(self))
 
@@ -140,12 +179,12 @@ class IngressMetrics:
         if code:
             self.errors.labels(tenant, code).inc()
 
-    def backbone_snapshot(self, snap: dict | None) -> None:
-        if snap and snap.get("replica"):
+    def worker_snapshot(self, snap: WorkerSnapshot | None) -> None:
+        if snap is not None and snap.replica:
             with self._lock:
-                self._snapshots[snap["replica"]] = (time.monotonic(), snap)
+                self._snapshots[snap.replica] = (time.monotonic(), snap)
 
-    def snapshots(self) -> list[dict]:
+    def snapshots(self) -> list[WorkerSnapshot]:
         now = time.monotonic()
         with self._lock:
             for k in [k for k, (t, _) in self._snapshots.items() if now - t > _STALE_S]:
@@ -159,15 +198,15 @@ class IngressMetrics:
 
 
 class _SnapshotCollector:
-    """Turns Backbone snapshots into metric families at scrape time."""
+    """Turns Worker snapshots into metric families at scrape time."""
 
     def __init__(self, owner: IngressMetrics):
         self.owner = owner
 
-    def describe(self):
+    def describe(self) -> list[Any]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         snaps = self.owner.snapshots()
@@ -196,20 +235,13 @@ class _SnapshotCollector:
             ),
         }
         for snap in snaps:
-            rep, cache = [snap["replica"]], snap.get("cache", {})
+            rep, cache = [snap.replica], snap.cache
             for name, fam in counters.items():
-                fam.add_metric(rep, float(cache.get(name, 0)))
-            resident.add_metric(rep, float(cache.get("resident_bytes", 0)))
-            fetch_err.add_metric(rep, float(snap.get("fetch_errors", 0)))
-            for name, fam in hists.items():
-                h = snap.get(name)
-                if not h:
-                    continue
-                cum, buckets = 0, []
-                for bound, count in zip([*map(str, h["bounds"]), "+Inf"], h["counts"]):
-                    cum += count
-                    buckets.append((bound, float(cum)))
-                fam.add_metric(rep, buckets, float(h["sum"]))
+                fam.add_metric(rep, float(getattr(cache, name)))
+            resident.add_metric(rep, float(cache.resident_bytes))
+            fetch_err.add_metric(rep, float(snap.fetch_errors))
+            for name, hist in snap.histograms().items():
+                hists[name].add_metric(rep, hist.cumulative(), hist.sum)
         yield from counters.values()
         yield resident
         yield fetch_err

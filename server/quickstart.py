@@ -143,10 +143,10 @@ API docs: {url}/docs    metrics: {url}/metrics    stop: Ctrl-C
 def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .auth import resolve_admin_key
-    from .schemas import AppSettings
-    from .serve_cli import serve_until_interrupted
+    from .cli import serve_until_interrupted
+    from .schemas import DEFAULTS, AppSettings
 
-    name = os.environ.get("BACKBONE", "klue/roberta-base")
+    name = os.environ.get("BACKBONE", DEFAULTS.backbone)
     host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))
     HOME.mkdir(parents=True, exist_ok=True)
     path, notice = resolve_backbone(name)
@@ -158,7 +158,7 @@ def main() -> int:
         backbone=path,
         store=f"file://{HOME / 'store'}",
         admin_key_file=str(HOME / "admin_key"),
-        backbone_num_cpus=1,
+        worker_num_cpus=1,
         ingress_num_cpus=0.5,
         torch_threads=max(1, cpus - 1),
     )

@@ -4,19 +4,26 @@ Decisions:
 * Static shape checks live here (types, non-empty lists); limits that a deployment tunes
   (``max_inputs``, ``max_text_chars``) are checked by the ingress against :class:`AppSettings`, so the
   same schema serves every deployment and the error names the configured limit.
-* ``AppSettings`` is the one place defaults are written down; the CLI, the quickstart, Serve config
-  files (``args:``) and tests all go through it.
+* ``AppSettings`` is the one place serving defaults are written down: ``prefixserve serve`` takes its
+  flag defaults and help from it, and the quickstart, Serve config files (``args:``), the Worker's
+  deployment decorator and tests all go through it. :data:`DEFAULTS` is an instance holding every default.
+* Names: ``backbone`` is what to load (hub id or folder); ``worker_*`` size the Serve deployment that
+  runs it (the older spellings ``backbone_num_cpus`` / ``backbone_num_gpus`` are still accepted).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefixserve.adapters.store import VersionInfo
 
 MiB = 2**20
 
 
 class Autoscaling(BaseModel):
-    """Ray Serve ``autoscaling_config`` for the Backbone deployment (other Ray keys pass through)."""
+    """Ray Serve ``autoscaling_config`` for the Worker deployment (other Ray keys pass through)."""
 
     model_config = ConfigDict(extra="allow")
     min_replicas: int = Field(1, ge=0)
@@ -28,37 +35,55 @@ class Autoscaling(BaseModel):
     downscale_delay_s: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
-    def _order(self):
+    def _order(self) -> Autoscaling:
         if self.max_replicas < self.min_replicas:
             raise ValueError("autoscaling max_replicas must be >= min_replicas")
         return self
 
 
-class AppSettings(BaseModel):
+class BatchingConfig(BaseModel):
+    """The Worker's live-tunable batching: its Serve ``user_config`` (changed without a restart)."""
+
+    model_config = ConfigDict(extra="ignore")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="rows per backbone forward")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill (s)")
+
+
+class AppSettings(BatchingConfig):
     """Everything ``prefixserve.server.app:build_app`` accepts (Serve config ``args:``)."""
 
-    model_config = ConfigDict(extra="forbid")
-    backbone: str = "klue/roberta-base"
-    store: str = Field("file://./.prefixserve/store", validate_default=True)
-    device: str = "auto"
-    dtype: str = "float32"
-    cache_bytes: int = Field(2 * 2**30, gt=0)
-    max_batch_size: int = Field(32, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
-    replicas: int = Field(1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"))
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    backbone: str = Field("klue/roberta-base", description="hub id or local folder of the encoder")
+    store: str = Field(
+        "file://./.prefixserve/store",
+        validate_default=True,
+        description="file:///path | redis://host:6379/0 | memory://",
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field("float32", description="float32 | float16 | bfloat16")
+    cache_bytes: int = Field(2 * 2**30, gt=0, description="device adapter cache budget per Worker replica")
+    replicas: int = Field(
+        1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"), description="fixed Worker replicas"
+    )
     autoscaling: Autoscaling | None = Field(None, validation_alias=AliasChoices("autoscaling", "autoscaling_config"))
-    max_ongoing_requests: int | None = Field(None, ge=1, description="Backbone; default 2 x max_batch_size")
-    backbone_num_cpus: float = Field(1.0, ge=0)
-    backbone_num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per Worker replica; default 2 x max_batch_size")
+    worker_num_cpus: float = Field(
+        1.0, ge=0, validation_alias=AliasChoices("worker_num_cpus", "backbone_num_cpus"), description="per replica"
+    )
+    worker_num_gpus: float = Field(
+        0.0, ge=0, validation_alias=AliasChoices("worker_num_gpus", "backbone_num_gpus"), description="per replica"
+    )
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="Serve's default (5) would queue clients")
-    max_inputs: int = Field(64, ge=1)
+    max_inputs: int = Field(64, ge=1, description="inputs per classify request")
     max_text_chars: int = Field(20_000, ge=1)
     max_upload_bytes: int = Field(65 * MiB, gt=0, description="PUT body cap (packed adapter or multipart)")
     max_request_bytes: int = Field(2 * MiB, gt=0, description="body cap of every other request")
-    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each Backbone replica")
-    admin_key_file: str | None = None
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per Worker replica")
+    admin_key_file: str | None = Field(
+        None, description="admin key file (created 0600 if absent); ignored when PREFIXSERVE_ADMIN_KEY is set"
+    )
 
     @field_validator("store")
     @classmethod
@@ -72,18 +97,18 @@ class AppSettings(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _batching(self):
+    def _batching(self) -> AppSettings:
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size (else batches never fill)")
         return self
 
     @property
-    def backbone_max_ongoing(self) -> int:
+    def worker_max_ongoing(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_batch_size
 
-    def user_config(self) -> dict:
-        """Live-tunable Backbone settings (``reconfigure``; no replica restart)."""
-        return {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+    def user_config(self) -> dict[str, Any]:
+        """Live-tunable Worker settings (``reconfigure``; no replica restart)."""
+        return BatchingConfig.model_validate(self.model_dump()).model_dump()
 
 
 # ---- HTTP bodies ---------------------------------------------------------------------------------
@@ -104,7 +129,7 @@ class ClassifyRequest(BaseModel):
     text_pairs: list[str | None] | None = Field(None, description="second segment per input (same length)")
 
     @model_validator(mode="after")
-    def _pairs(self):
+    def _pairs(self) -> ClassifyRequest:
         if self.text_pairs is not None and len(self.text_pairs) != len(self.inputs):
             raise ValueError(f"text_pairs has {len(self.text_pairs)} items but inputs has {len(self.inputs)}")
         return self
@@ -147,7 +172,7 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def prefix_meta(info) -> dict:
+def prefix_meta(info: VersionInfo) -> PrefixMeta:
     """A store ``VersionInfo`` as the API shows it (no tenant: the caller is the tenant)."""
     meta = info.meta or {}
     return PrefixMeta(
@@ -159,4 +184,7 @@ def prefix_meta(info) -> dict:
         labels=list(meta.get("labels", [])),
         bytes=info.size,
         created=info.created,
-    ).model_dump()
+    )
+
+
+DEFAULTS = AppSettings()

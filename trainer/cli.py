@@ -2,12 +2,48 @@
 
 Errors that are the user's (bad data, bad flags, mismatched --init-from, no MLM head) print
 ``{"error": {"code", "message"}}`` on stderr and exit 2.
+
+Decisions: options are generated from the config dataclasses (:mod:`.config`): flag ``--<field-name>``, type,
+choices (``Literal``), default and help come from the field, so no default is restated here. What is only
+the command line's business stays here: which part goes in which help group, which fields are not offered
+(:data:`_NOT_ON_CLI`), which are required although code may leave them unset (:data:`_REQUIRED_ON_CLI`), and
+``--eval`` / ``--eval-split`` being exclusive for ``train``. A ``True`` boolean becomes ``--no-<name>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import types
+import typing
+from dataclasses import MISSING, Field, fields
+from typing import TYPE_CHECKING, Any
+
+from .config import (
+    DataOptions,
+    ExperimentConfig,
+    PrefixOptions,
+    PretrainConfig,
+    RunOptions,
+    ScheduleOptions,
+    TrainConfig,
+    TuningOptions,
+    parts_of,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# part -> help group (None: the command's main options, next to its own fields)
+_GROUPS: dict[type, str | None] = {
+    RunOptions: None,
+    DataOptions: "data (NSMC TSV natively; CSV, JSONL)",
+    PrefixOptions: "prefix projection",
+    ScheduleOptions: "optimisation",
+    TuningOptions: "optimisation",
+}
+_NOT_ON_CLI = {"train_backbone", "max_grad_norm"}  # set by experiment rows and code, never by hand
+_REQUIRED_ON_CLI = {"out"}  # the commands always write their result; code may keep it in memory
 
 
 def _ints(text: str) -> list[int]:
@@ -22,9 +58,9 @@ def _names(text: str) -> list[str]:
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Show every non-None default, also for options without a help text."""
+    """Show every non-None default."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "%(default)" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
             return text
@@ -33,35 +69,93 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".strip()
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    for action in parser._actions:  # argparse skips options whose help is None: give them one
-        if action.help is None and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
-            action.help = ""
-            action.help = _HelpFormatter("x")._get_help_string(action)
+def _strip_none(hint: Any) -> Any:
+    """``X | None`` -> ``X`` (``None`` is what an unset option gives anyway)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
 
 
-def _fields(args, cls) -> dict:
-    return {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+def _option(f: Field[Any], hint: Any) -> tuple[str, dict[str, Any]]:
+    """(flag, ``add_argument`` keywords) for one config field."""
+    flag = "--" + f.name.replace("_", "-")
+    kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}  # every field documents itself
+    if f.default is not MISSING:
+        kw["default"] = f.default
+    elif f.default_factory is not MISSING:
+        kw["default"] = f.default_factory()
+    else:
+        kw["required"] = True
+    if f.name in _REQUIRED_ON_CLI:
+        kw.update(required=True, default=None)
+    hint = _strip_none(hint)
+    if hint is bool:
+        if kw.get("default"):
+            return "--no-" + f.name.replace("_", "-"), {**kw, "action": "store_false", "help": "turn off " + kw["help"]}
+        return flag, {**kw, "action": "store_true"}
+    if typing.get_origin(hint) is typing.Literal:
+        kw["choices"] = list(typing.get_args(hint))
+    elif hint == list[int]:
+        kw["type"] = _ints
+    elif hint == list[str]:
+        kw["type"] = _names
+    elif hint in (int, float):
+        kw["type"] = hint
+    elif hint is not str:
+        raise TypeError(f"no command-line form for {f.name}: {hint}")
+    return flag, kw
 
 
-def _train(args) -> int:
-    from .train import TrainConfig, train, upload
+def add_config_options(
+    parser: argparse.ArgumentParser, config_cls: type[DataclassInstance], *, exclusive: tuple[str, ...] = ()
+) -> None:
+    """One option per field of ``config_cls`` (its own fields in the main options, parts in their groups);
+    the fields named in ``exclusive`` form one mutually exclusive set."""
+    hints = typing.get_type_hints(config_cls)
+    owner = {f.name: part for part in parts_of(config_cls) for f in fields(part)}
+    groups: dict[str | None, argparse._ActionsContainer] = {None: parser}
+    one_of: argparse._MutuallyExclusiveGroup | None = None
+    for f in fields(config_cls):  # the config's own Field: an override's default, not the part's
+        if f.name in _NOT_ON_CLI:
+            continue
+        title = _GROUPS[owner[f.name]] if f.name in owner else None
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        target = groups[title]
+        if f.name in exclusive:
+            one_of = one_of or target.add_mutually_exclusive_group()
+            target = one_of
+        flag, kw = _option(f, hints[f.name])
+        target.add_argument(flag, **kw)
+
+
+def _fields(args: argparse.Namespace, cls: type[DataclassInstance]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from prefixserve.adapters.errors import BadRequestError
+
+    from .train import train, upload
 
     if args.upload and not args.prefix_id:
-        from prefixserve.adapters.errors import BadRequestError
-
         raise BadRequestError("--upload needs --prefix-id", code="bad_args")
     cfg = TrainConfig(**_fields(args, TrainConfig))
     res = train(cfg)
-    summary = {"out": cfg.out, "labels": res.labels, "best": res.best, "bytes": len(res.packed or b"")}
+    summary: dict[str, Any] = {"out": cfg.out, "labels": res.labels, "best": res.best, "bytes": len(res.packed or b"")}
     if args.upload:
+        if res.packed is None:  # the CLI's --kind always gives an adapter; code can ask for a head only
+            raise BadRequestError("nothing to upload: this run trained no adapter", code="bad_args")
         summary["upload"] = upload(args.upload, args.prefix_id, args.api_key, res.packed)
     print(json.dumps(summary, ensure_ascii=False, default=str))
     return 0
 
 
-def _pretrain(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain
 
     res = pretrain(PretrainConfig(**_fields(args, PretrainConfig)))
     log = res["log"]
@@ -73,138 +167,46 @@ def _pretrain(args) -> int:
     return 0
 
 
-def _experiment(args) -> int:
-    from .experiment import ExperimentConfig, run_table1
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiment import markdown, run_table1
 
     report = run_table1(ExperimentConfig(**_fields(args, ExperimentConfig)))
-    from .experiment import markdown
-
     print(markdown(report))
     return 0
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (NSMC TSV natively; CSV, JSONL)")
-    g.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="unset: from the extension")
-    g.add_argument("--text-column", default=None, help="unset: document | text | sentence")
-    g.add_argument("--label-column", default=None, help="unset: label | category")
-    g.add_argument("--text-pair-column", default=None, help="optional second text")
-    g.add_argument(
-        "--label-names",
-        type=_names,
-        default=None,
-        help="comma list fixing label set/order; integer raw labels index it; unset: sorted raw values",
-    )
-    g.add_argument("--max-train", type=int, default=None, help="seeded subsample of the training rows")
-    g.add_argument("--max-eval", type=int, default=None, help="seeded subsample of the eval rows")
-
-
-def _optim_args(p: argparse.ArgumentParser, epochs: int) -> None:
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--lr", type=float, default=None, help="virtual-token LR; unset: 3e-2")
-    g.add_argument("--head-lr", type=float, default=1e-2)
-    g.add_argument("--backbone-lr", type=float, default=3e-5, help="full fine-tuning only")
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-length", type=int, default=128, help="real tokens per row, specials included")
-    g.add_argument("--warmup", type=float, default=0.1, help="< 1: fraction of steps; else steps")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="head/backbone matrices only")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--patience", type=int, default=3, help="epochs without eval improvement before stopping; 0=off")
-    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda:N")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    fmt = _HelpFormatter
-
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
-        formatter_class=fmt,
+        formatter_class=_HelpFormatter,
         help="train a tenant's prefix/prompt adapter",
         description="Train a prefix (P-Tuning v2) or soft prompt plus a classification head on a "
         "frozen backbone; write the packed adapter and <out>.log.json; optionally upload it.",
     )
-    p.add_argument("--backbone", required=True, help="hub id or local folder (BERT/RoBERTa/XLM-R)")
-    p.add_argument("--train", required=True, help="training file (.tsv NSMC, .csv, .jsonl)")
-    ev = p.add_mutually_exclusive_group()
-    ev.add_argument("--eval", default=None, help="eval file (same format)")
-    ev.add_argument("--eval-split", type=float, default=0.1, help="held-out fraction of --train if no --eval")
-    p.add_argument("--kind", choices=["prefix", "prompt"], default="prefix")
-    p.add_argument("--num-virtual-tokens", type=int, default=None, help="unset: 20, or --init-from's length")
-    p.add_argument("--prefix-projection", action="store_true", help="train through an MLP; exported materialised")
-    p.add_argument("--encoder-hidden-size", type=int, default=512, help="projection MLP width")
-    p.add_argument("--head-dropout", type=float, default=0.1, help="dropout on the head input only")
-    p.add_argument(
-        "--prefix-init",
-        choices=["random", "tokens"],
-        default="tokens",
-        help="prefix start: PEFT's N(0,1), or the K/V of random real tokens (Li & Liang)",
-    )
-    p.add_argument("--init-from", default=None, help="pre-trained prefix (prefixserve pretrain) or packed prefix")
-    p.add_argument("--out", required=True, help="packed adapter .safetensors (log: <out>.log.json)")
+    add_config_options(p, TrainConfig, exclusive=("eval", "eval_split"))
     u = p.add_argument_group("upload")
     u.add_argument("--upload", default=None, metavar="URL", help="PUT the adapter to URL/v1/prefixes/<prefix-id>")
-    u.add_argument("--prefix-id", default=None)
+    u.add_argument("--prefix-id", default=None, help="adapter id on the server (needed by --upload)")
     u.add_argument("--api-key", default=None, help="Bearer token")
-    _data_args(p)
-    _optim_args(p, epochs=10)
     p.set_defaults(func=_train)
-    _show_defaults(p)
 
     p = sub.add_parser(
         "pretrain",
-        formatter_class=fmt,
+        formatter_class=_HelpFormatter,
         help="pre-train a prefix by MLM on raw text",
         description="Masked-LM pre-training of a prefix on a raw-text corpus (one text per line) "
         "with the backbone and its MLM head frozen. Needs a checkpoint with an MLM head.",
     )
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--corpus", required=True, help="UTF-8 text file, one passage per line")
-    p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--prefix-projection", action="store_true")
-    p.add_argument("--encoder-hidden-size", type=int, default=512)
-    p.add_argument("--mlm-prob", type=float, default=0.15)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--warmup", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--out", required=True, help="pre-trained prefix .safetensors")
+    add_config_options(p, PretrainConfig)
     p.set_defaults(func=_pretrain)
-    _show_defaults(p)
 
     p = sub.add_parser(
         "experiment",
-        formatter_class=fmt,
+        formatter_class=_HelpFormatter,
         help="reproduce paper tables (table1)",
         description="table1: linear probe, frozen prefix at each length (optionally pre-trained "
         "init), full fine-tuning, prefix + full fine-tuning; writes table1.md and table1.json.",
     )
     p.add_argument("table", choices=["table1"])
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--eval", default=None)
-    p.add_argument("--eval-split", type=float, default=0.1)
-    p.add_argument("--lengths", type=_ints, default=[10, 50, 100, 200], help="prefix lengths, comma-separated")
-    p.add_argument("--init-from", default=None, help="pre-trained prefix for an extra row")
-    p.add_argument(
-        "--rows",
-        type=_names,
-        default=["probe", "prefix", "ft", "prefix_ft"],
-        help="subset of probe,prefix,ft,prefix_ft",
-    )
-    p.add_argument("--ft-prefix-length", type=int, default=None, help="P of the prefix+fine-tuning row")
-    p.add_argument("--probe-head-lr", type=float, default=None, help="head LR of the probe row (default --head-lr)")
-    p.add_argument("--prefix-init", choices=["random", "tokens"], default="tokens")
-    p.add_argument("--prefix-projection", action="store_true")
-    p.add_argument("--encoder-hidden-size", type=int, default=512)
-    p.add_argument("--out", required=True, help="output folder")
-    _data_args(p)
-    _optim_args(p, epochs=10)
+    add_config_options(p, ExperimentConfig)
     p.set_defaults(func=_experiment)
-    _show_defaults(p)

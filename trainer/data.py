@@ -21,8 +21,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefixserve.adapters.errors import BadRequestError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 TEXT_COLUMNS = ("document", "text", "sentence")
 LABEL_COLUMNS = ("label", "category")
@@ -190,8 +194,8 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     )
 
 
-def load_datasets(cfg) -> tuple[Dataset, Dataset | None, list[str]]:
-    """Train and eval sets with resolved labels, from a config with the CLI's data fields."""
+def load_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None, list[str]]:
+    """Train and eval sets with resolved labels, from a config's data options (and its seed)."""
     kw = dict(
         fmt=cfg.format,
         text_column=cfg.text_column,

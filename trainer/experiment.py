@@ -23,57 +23,26 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ExperimentConfig, TrainConfig, shared_options
+
+if TYPE_CHECKING:
+    from prefixserve.adapters.backbone import Backbone
 
 
-@dataclass
-class ExperimentConfig:
-    backbone: str
-    train: str
-    eval: str | None = None
-    eval_split: float = 0.1
-    out: str = "table1"
-    lengths: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
-    init_from: str | None = None
-    max_train: int | None = None
-    max_eval: int | None = None
-    epochs: int = 10
-    patience: int = 3
-    lr: float | None = None
-    head_lr: float = 1e-2
-    probe_head_lr: float | None = None  # None -> head_lr
-    backbone_lr: float = 3e-5
-    batch_size: int = 32
-    max_length: int | None = 128
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    prefix_projection: bool = False
-    encoder_hidden_size: int = 512
-    prefix_init: str = "tokens"
-    ft_prefix_length: int | None = None  # None -> the first of lengths
-    rows: list[str] = field(default_factory=lambda: ["probe", "prefix", "ft", "prefix_ft"])
-    seed: int = 42
-    format: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    text_pair_column: str | None = None
-    label_names: list[str] | None = None
-    device: str = "auto"
-    progress: bool = True
+def _train_config(cfg: ExperimentConfig, **overrides: Any) -> TrainConfig:
+    """One row's TrainConfig: the option parts it shares with the experiment, then the row's overrides.
+    The experiment's own ``init_from`` (an extra row's seed) and ``out`` (a folder) are not passed down."""
+    return TrainConfig(**{**shared_options(cfg, TrainConfig), **overrides})
 
 
-def _train_config(cfg: ExperimentConfig, **over):
-    from .train import TrainConfig
-
-    names = set(TrainConfig.__dataclass_fields__) & set(ExperimentConfig.__dataclass_fields__)
-    base = {k: getattr(cfg, k) for k in names if k not in ("init_from", "out")}
-    return replace(TrainConfig(**base), **over)
-
-
-def plan(cfg: ExperimentConfig, max_virtual: int) -> tuple[list[tuple[str, dict]], list[str]]:
+def plan(cfg: ExperimentConfig, max_virtual: int) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
     """[(row name, TrainConfig overrides)], [skipped notes]."""
-    rows, skipped = [], []
+    rows: list[tuple[str, dict[str, Any]]] = []
+    skipped: list[str] = []
     ok = [p for p in cfg.lengths if p <= max_virtual]
     skipped += [
         f"prefix P={p}: exceeds the {max_virtual} virtual tokens this backbone allows"
@@ -111,7 +80,7 @@ def plan(cfg: ExperimentConfig, max_virtual: int) -> tuple[list[tuple[str, dict]
     return rows, skipped
 
 
-def run_table1(cfg: ExperimentConfig) -> dict:
+def run_table1(cfg: ExperimentConfig) -> dict[str, Any]:
     from prefixserve.adapters.backbone import load_backbone
 
     from .train import train
@@ -121,7 +90,7 @@ def run_table1(cfg: ExperimentConfig) -> dict:
     backbone = load_backbone(cfg.backbone, device=cfg.device)
     backbone_params = sum(p.numel() for p in backbone.model.parameters())
     rows, skipped = plan(cfg, backbone.spec.max_virtual_tokens)
-    results = []
+    results: list[dict[str, Any]] = []
     for name, over in rows:
         started = time.time()
         res = train(_train_config(cfg, **over), backbone=backbone)
@@ -148,7 +117,14 @@ def run_table1(cfg: ExperimentConfig) -> dict:
     return _write(out, cfg, backbone, backbone_params, results, skipped)
 
 
-def _write(out: Path, cfg, backbone, backbone_params: int, results: list[dict], skipped: list[str]) -> dict:
+def _write(
+    out: Path,
+    cfg: ExperimentConfig,
+    backbone: Backbone,
+    backbone_params: int,
+    results: list[dict[str, Any]],
+    skipped: list[str],
+) -> dict[str, Any]:
     import torch
 
     report = {
@@ -165,7 +141,7 @@ def _write(out: Path, cfg, backbone, backbone_params: int, results: list[dict], 
     return report
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| row | accuracy | macro-F1 | trainable params | % of backbone | train time (s) | peak mem (MiB) | servable |",
         "|---|---:|---:|---:|---:|---:|---:|:---:|",

@@ -20,14 +20,52 @@ Decisions:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Self
+
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from prefixserve.adapters.format import dump_packed
 from prefixserve.adapters.heads import ClassificationHead, expected_head_style
 from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
 from prefixserve.adapters.prompt import PromptConfig, PromptEncoder
 from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, right_pad
+
+from .config import DEFAULT_NUM_VIRTUAL_TOKENS, PrefixOptions, TrainConfig
+
+if TYPE_CHECKING:
+    from prefixserve.adapters.backbone import Backbone
+
+    from .data import Example
+
+TokenizedRow = tuple[list[int], list[int], int]  # (input_ids, token_type_ids, label index)
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # input_ids, attention_mask, token_type_ids (B, T); labels (B,)
+
+
+def encoder_config(encoder: nn.Module) -> PretrainedConfig:
+    """The encoder's transformers config, typed (``nn.Module.__getattr__`` would type it ``Tensor | Module``)."""
+    config = getattr(encoder, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(encoder).__name__} has no transformers config: not a BERT/RoBERTa encoder")
+    return config
+
+
+def word_embeddings(encoder: nn.Module) -> nn.Embedding:
+    """The encoder's token embedding table (``embeddings.word_embeddings`` on BERT/RoBERTa)."""
+    table = encoder.get_submodule("embeddings.word_embeddings")
+    if not isinstance(table, nn.Embedding):
+        raise TypeError(f"{type(encoder).__name__}.embeddings.word_embeddings is not an nn.Embedding")
+    return table
+
+
+def tokenizer_of(backbone: Backbone) -> PreTrainedTokenizerBase:
+    """The backbone's tokenizer, typed (``Backbone`` keeps it as a plain object)."""
+    tokenizer = backbone.tokenizer
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"backbone {backbone.name!r} has no transformers tokenizer")
+    return tokenizer
 
 
 class AdapterModel(nn.Module):
@@ -38,44 +76,47 @@ class AdapterModel(nn.Module):
         encoder: nn.Module,
         num_labels: int,
         *,
-        kind: str | None = "prefix",
-        num_virtual_tokens: int = 20,
-        prefix_projection: bool = False,
-        encoder_hidden_size: int = 512,
+        kind: str | None = TrainConfig.kind,
+        num_virtual_tokens: int = DEFAULT_NUM_VIRTUAL_TOKENS,
+        prefix_projection: bool = PrefixOptions.prefix_projection,
+        encoder_hidden_size: int = PrefixOptions.encoder_hidden_size,
         init: Tensor | None = None,
-        head_dropout: float = 0.1,
+        head_dropout: float = TrainConfig.head_dropout,
         train_backbone: bool = False,
         seed: int = 0,
-        prefix_init: str = "random",
+        prefix_init: str = "random",  # PEFT's start; the trainer's own default is TrainConfig.prefix_init
     ):
         super().__init__()
-        c = encoder.config
         self.encoder = encoder
+        self.encoder_config = encoder_config(encoder)
         self.kind = kind
         self.train_backbone = train_backbone
-        self.layers, self.heads, self.hidden = c.num_hidden_layers, c.num_attention_heads, c.hidden_size
+        c = self.encoder_config
+        self.layers: int = c.num_hidden_layers
+        self.heads: int = c.num_attention_heads
+        self.hidden: int = c.hidden_size
+        self.vconfig: PrefixConfig | PromptConfig | None = None  # None: head only
+        self.virtual: PrefixEncoder | PromptEncoder | None = None
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):  # seeded init, independent of the global RNG state
             torch.manual_seed(seed)
             if kind == "prefix":
-                self.vconfig = PrefixConfig(
+                prefix = PrefixConfig(
                     num_virtual_tokens, self.layers, self.heads, self.hidden, prefix_projection, encoder_hidden_size
                 )
                 if init is None and prefix_init == "tokens" and not prefix_projection:
                     init = token_activations(encoder, num_virtual_tokens, gen)  # (P, layers*2*H)
-                self.virtual = PrefixEncoder(self.vconfig, None if init is None else init.float())
+                self.vconfig, self.virtual = prefix, PrefixEncoder(prefix, None if init is None else init.float())
             elif kind == "prompt":
-                self.vconfig = PromptConfig(num_virtual_tokens, self.hidden, self.layers, self.heads)
+                prompt = PromptConfig(num_virtual_tokens, self.hidden, self.layers, self.heads)
                 if init is None:  # random vocabulary embeddings: (Q, H)
-                    vocab = encoder.embeddings.word_embeddings.weight
+                    vocab = word_embeddings(encoder).weight  # (V, H)
                     ids = torch.randint(
                         min(100, vocab.shape[0] - 1), vocab.shape[0], (num_virtual_tokens,), generator=gen
-                    )
-                    init = vocab.detach()[ids.to(vocab.device)].float().cpu()
-                self.virtual = PromptEncoder(self.vconfig, init)
-            elif kind is None:
-                self.vconfig, self.virtual = None, None
-            else:
+                    )  # (Q,)
+                    init = vocab.detach()[ids.to(vocab.device)].float().cpu()  # (Q, H)
+                self.vconfig, self.virtual = prompt, PromptEncoder(prompt, init)
+            elif kind is not None:
                 raise ValueError(f"kind must be 'prefix', 'prompt' or None, got {kind!r}")
             self.head = ClassificationHead(self.hidden, num_labels, expected_head_style(encoder))
         self.dropout = nn.Dropout(head_dropout)
@@ -87,7 +128,7 @@ class AdapterModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return 0 if self.vconfig is None else self.vconfig.num_virtual_tokens
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         super().train(mode)
         self.encoder.eval()  # frozen/shared encoder: deterministic, as served (see module docstring)
         return self
@@ -101,7 +142,7 @@ class AdapterModel(nn.Module):
         }
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
-    def virtual_tokens(self, batch: int, device) -> VirtualTokens | None:
+    def virtual_tokens(self, batch: int, device: torch.device) -> VirtualTokens | None:
         if self.virtual is None:
             return None
         n = self.num_virtual_tokens
@@ -124,13 +165,15 @@ class AdapterModel(nn.Module):
         return self.head(first, getattr(self.encoder, "pooler", None))  # (B, C)
 
     # ---- export ---------------------------------------------------------------------------------
-    def peft_config(self, base_model: str = "") -> dict:
+    def peft_config(self, base_model: str = "") -> dict[str, object]:
         if self.vconfig is None:
             raise ValueError("a head-only model has no adapter to export")
         return self.vconfig.to_peft_dict(base_model)
 
     def adapter_tensors(self) -> dict[str, Tensor]:
         """PEFT's tensors: materialised ``prompt_embeddings`` and ``base_model.classifier.*`` (CPU, fp32)."""
+        if self.virtual is None:
+            raise ValueError("a head-only model has no adapter to export")
         tensors = {"prompt_embeddings": self.virtual.materialise(), **self.head.peft_state()}
         return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
@@ -154,14 +197,14 @@ class AdapterModel(nn.Module):
 def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator) -> Tensor:
     """Prefix init from real activations (Li & Liang 2021): the keys/values the frozen encoder computes for
     ``num_tokens`` random vocabulary tokens, in PEFT's flat layout (P, layers*2*hidden)."""
-    vocab = encoder.embeddings.word_embeddings.weight.shape[0]
+    vocab = word_embeddings(encoder).num_embeddings
     ids = torch.randint(min(1000, vocab // 2), vocab, (1, num_tokens), generator=gen)  # (1, P)
-    layers = encoder.encoder.layer
+    num_layers: int = encoder_config(encoder).num_hidden_layers
     captured: dict[tuple[int, int], Tensor] = {}
     hooks = []
-    for i, layer in enumerate(layers):
-        attn = layer.attention.self
-        for j, proj in enumerate((attn.key, attn.value)):
+    for i in range(num_layers):
+        for j, name in enumerate(("key", "value")):
+            proj = encoder.get_submodule(f"encoder.layer.{i}.attention.self.{name}")
             hooks.append(
                 proj.register_forward_hook(
                     lambda _m, _inp, out, key=(i, j): captured.__setitem__(key, out[0].detach().float().cpu())
@@ -173,12 +216,14 @@ def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator)
     finally:
         for h in hooks:
             h.remove()
-    kv = torch.stack([torch.stack([captured[(i, 0)], captured[(i, 1)]]) for i in range(len(layers))])  # (L, 2, P, H)
+    kv = torch.stack([torch.stack([captured[(i, 0)], captured[(i, 1)]]) for i in range(num_layers)])  # (L, 2, P, H)
     return kv.permute(2, 0, 1, 3).reshape(num_tokens, -1).contiguous()  # (P, layers*2*H)
 
 
 # ---- tokenisation and batches -------------------------------------------------------------------
-def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[list[int], list[int], int]]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], labels: list[str], room: int
+) -> list[TokenizedRow]:
     """[(input_ids, token_type_ids, label_index)] truncated to ``room`` like the engine does."""
     index = {name: i for i, name in enumerate(labels)}
     texts = [e.text for e in examples]
@@ -199,16 +244,21 @@ def tokenize(tokenizer, examples, labels: list[str], room: int) -> list[tuple[li
     return [(i, t, index[e.label]) for i, t, e in zip(ids, types, examples)]
 
 
-def collate(rows, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def collate(rows: Sequence[TokenizedRow], pad_id: int, device: torch.device | str) -> Batch:
     """Right-pad to the longest row: (input_ids, attention_mask, token_type_ids) (B, T), labels (B,)."""
     ids, mask, types = right_pad([r[0] for r in rows], [r[1] for r in rows], pad_id)  # (B, T) x 3
     labels = torch.tensor([r[2] for r in rows], dtype=torch.long)  # (B,)
     return ids.to(device), mask.to(device), types.to(device), labels.to(device)
 
 
-def batches(rows, batch_size: int, pad_id: int, device, generator: torch.Generator | None = None):
+def batches(
+    rows: Sequence[TokenizedRow],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch]:
     """Yield collated batches; shuffled with ``generator`` when given (seeded, reproducible)."""
-    order = torch.randperm(len(rows), generator=generator).tolist() if generator is not None else range(len(rows))
-    order = list(order)
+    order = torch.randperm(len(rows), generator=generator).tolist() if generator is not None else list(range(len(rows)))
     for start in range(0, len(order), batch_size):
         yield collate([rows[i] for i in order[start : start + batch_size]], pad_id, device)

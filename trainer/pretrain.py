@@ -25,38 +25,33 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchError, InvalidAdapterError, PrefixServeError
+
+from .config import PretrainConfig  # public here too
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from prefixserve.adapters.backbone import Backbone
+    from prefixserve.adapters.prefix import PrefixConfig
+
+EncodedLine = tuple[list[int], list[int]]  # (input_ids, special_tokens_mask)
 
 PRETRAINED_FORMAT = "prefixserve.pretrained_prefix"
 PRETRAINED_VERSION = "1"
 
 
-@dataclass
-class PretrainConfig:
-    backbone: str
-    corpus: str
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: int = 512
-    mlm_prob: float = 0.15
-    epochs: int = 1
-    steps: int | None = None  # overrides epochs
-    lr: float = 5e-3
-    batch_size: int = 32
-    max_length: int = 128
-    warmup: float = 0.1
-    seed: int = 42
-    out: str | None = None
-    device: str = "auto"
-    progress: bool = True
-
-
-def load_mlm(name: str, device):
+def load_mlm(name: str, device: torch.device) -> tuple[PreTrainedModel, nn.Module]:
     """``AutoModelForMaskedLM`` (frozen, eval) or ``PrefixServeError(no_mlm_head)``; returns (model, lm_head)."""
     import torch
+    from torch import nn
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     from prefixserve.adapters.backbone import SUPPORTED
@@ -73,13 +68,17 @@ def load_mlm(name: str, device):
             code="no_mlm_head",
             status=400,
         )
-    head = getattr(model, "lm_head", None) or getattr(model, "cls", None)
+    head = getattr(model, "lm_head", None) or getattr(model, "cls", None)  # RoBERTa | BERT naming
+    if not isinstance(head, nn.Module):
+        raise PrefixServeError(f"{type(model).__name__} has no lm_head/cls module", code="no_mlm_head", status=400)
     model = model.to(device).eval()
     model.requires_grad_(False)
     return model, head
 
 
-def mask_tokens(ids, special, mask_id: int, vocab: int, prob: float, gen):
+def mask_tokens(
+    ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, prob: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking. ids/special: (B, T). Returns (inputs (B, T), labels (B, T) with -100 where not masked)."""
     import torch
 
@@ -92,7 +91,9 @@ def mask_tokens(ids, special, mask_id: int, vocab: int, prob: float, gen):
     return inputs, labels
 
 
-def _batches(encoded, batch_size: int, pad_id: int, order):
+def _batches(
+    encoded: Sequence[EncodedLine], batch_size: int, pad_id: int, order: list[int]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     import torch
 
     for start in range(0, len(order), batch_size):
@@ -106,7 +107,7 @@ def _batches(encoded, batch_size: int, pad_id: int, order):
         yield ids, special
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train the prefix by MLM; returns {"prefix": (P, width) tensor, "bytes": file, "log": dict}."""
     import torch
     from torch.nn import functional as F
@@ -116,16 +117,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
     from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, text_room
 
+    from .model import encoder_config, tokenizer_of
+
     started = time.time()
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone, device=cfg.device)  # fingerprint + tokenizer of the served encoder
     device = backbone.device
     mlm, lm_head = load_mlm(cfg.backbone, device)
-    encoder, tok = mlm.base_model, backbone.tokenizer
+    encoder, tok = mlm.base_model, tokenizer_of(backbone)
     lines = [ln.strip() for ln in Path(cfg.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         raise BadRequestError(f"corpus {cfg.corpus!r} has no non-empty line", code="empty_dataset")
-    c = encoder.config
+    c = encoder_config(encoder)
     pc = PrefixConfig(
         cfg.num_virtual_tokens,
         c.num_hidden_layers,
@@ -138,9 +141,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     room = text_room(encoder, cfg.num_virtual_tokens, cfg.max_length)
     enc = tok(lines, truncation=True, max_length=room, return_special_tokens_mask=True)
     encoded = list(zip(enc["input_ids"], enc["special_tokens_mask"]))
-    vocab = mlm.config.vocab_size
+    vocab: int = encoder_config(mlm).vocab_size
 
-    def mlm_loss(ids, special, gen):
+    def mlm_loss(ids: torch.Tensor, special: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         inputs, labels = mask_tokens(ids, special, tok.mask_token_id, vocab, cfg.mlm_prob, gen)
         inputs, labels = inputs.to(device), labels.to(device)
         mask = (ids != tok.pad_token_id).long().to(device)  # (B, T)
@@ -183,7 +186,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(prefix.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -210,7 +213,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return {"prefix": flat, "bytes": data, "log": log}
 
 
-def dump_pretrained_prefix(flat, config, fingerprint: str, log: dict, base_model: str = "") -> bytes:
+def dump_pretrained_prefix(
+    flat: torch.Tensor, config: PrefixConfig, fingerprint: str, log: dict[str, Any], base_model: str = ""
+) -> bytes:
     from safetensors.torch import save
 
     from prefixserve.adapters.prefix import PrefixConfig
@@ -231,7 +236,7 @@ def dump_pretrained_prefix(flat, config, fingerprint: str, log: dict, base_model
     return save({"prompt_embeddings": flat.contiguous()}, metadata=meta)
 
 
-def load_prefix_init(path: str, backbone, num_virtual_tokens: int | None = None):
+def load_prefix_init(path: str, backbone: Backbone, num_virtual_tokens: int | None = None) -> torch.Tensor:
     """The (P, layers*2*hidden) prefix in ``path`` (pre-trained prefix or packed prefix adapter), validated."""
     import torch
     from safetensors import safe_open

@@ -27,60 +27,32 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefixserve.adapters.errors import BadRequestError, PrefixServeError
 
-DEFAULT_LR = {"prefix": 3e-2, "prompt": 3e-2, None: 0.0}
+from .config import DEFAULT_NUM_VIRTUAL_TOKENS, VIRTUAL_TOKEN_LR, TrainConfig  # TrainConfig: public here too
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-@dataclass
-class TrainConfig:
-    backbone: str
-    train: str
-    eval: str | None = None
-    eval_split: float = 0.1
-    kind: str | None = "prefix"  # prefix | prompt | None (head only)
-    num_virtual_tokens: int | None = None  # default 20, or the --init-from file's length
-    prefix_projection: bool = False
-    encoder_hidden_size: int = 512
-    prefix_init: str = "tokens"  # tokens (K/V of random real tokens) | random (PEFT's N(0, 1))
-    epochs: int = 10
-    lr: float | None = None  # virtual tokens; None -> DEFAULT_LR[kind]
-    head_lr: float = 1e-2
-    backbone_lr: float = 3e-5
-    train_backbone: bool = False
-    batch_size: int = 32
-    max_length: int | None = 128
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    head_dropout: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    patience: int = 3
-    format: str | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    text_pair_column: str | None = None
-    label_names: list[str] | None = None
-    max_train: int | None = None
-    max_eval: int | None = None
-    init_from: str | None = None
-    out: str | None = None
-    device: str = "auto"
-    progress: bool = True
+    from prefixserve.adapters.backbone import Backbone
+
+    from .model import AdapterModel, TokenizedRow
 
 
 @dataclass
 class TrainResult:
-    model: object
+    model: AdapterModel
     labels: list[str]
-    history: list[dict]
-    best: dict
-    packed: bytes | None
-    log: dict = field(repr=False, default_factory=dict)
+    history: list[dict[str, Any]]
+    best: dict[str, Any]  # the kept epoch's history record
+    packed: bytes | None  # None: head only or fine-tuned backbone, nothing servable
+    log: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
-def backbone_checksum(module) -> str:
+def backbone_checksum(module: nn.Module) -> str:
     """sha256 over every parameter and buffer (names, shapes, bytes): detects any change at all."""
     import torch
 
@@ -91,15 +63,15 @@ def backbone_checksum(module) -> str:
     return h.hexdigest()
 
 
-def peak_memory_bytes(device) -> int:
+def peak_memory_bytes(device: torch.device) -> int:
     import torch
 
-    if getattr(device, "type", str(device)) == "cuda":
+    if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def metrics(pred: list[int], gold: list[int], num_labels: int) -> dict:
+def metrics(pred: list[int], gold: list[int], num_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (classes absent from both gold and predictions are left out of the mean)."""
     n = len(gold)
     acc = sum(p == g for p, g in zip(pred, gold)) / n if n else 0.0
@@ -113,7 +85,14 @@ def metrics(pred: list[int], gold: list[int], num_labels: int) -> dict:
     return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
 
 
-def evaluate(model, rows, batch_size: int, pad_id: int, device, num_labels: int):
+def evaluate(
+    model: AdapterModel,
+    rows: list[TokenizedRow],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device | str,
+    num_labels: int,
+) -> tuple[dict[str, float], torch.Tensor]:
     """(metrics incl. mean loss, logits (N, C) on CPU) in eval mode, no gradients."""
     import torch
     from torch.nn import functional as F
@@ -122,7 +101,8 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device, num_labels: int)
 
     was_training = model.training
     model.eval()
-    all_logits, loss_sum = [], 0.0
+    all_logits: list[torch.Tensor] = []
+    loss_sum = 0.0
     with torch.inference_mode():
         for ids, mask, types, labels in batches(rows, batch_size, pad_id, device):
             logits = model(ids, mask, types).float()  # (B, C)
@@ -135,12 +115,14 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device, num_labels: int)
     return m, logits
 
 
-def _optimizer(model, cfg: TrainConfig, total_steps: int):
+def _optimizer(
+    model: AdapterModel, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     import torch
 
     groups = model.trainable_parameters()
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.kind]
-    param_groups = []
+    lr = cfg.lr if cfg.lr is not None else VIRTUAL_TOKEN_LR
+    param_groups: list[dict[str, Any]] = []
     if groups["virtual"]:
         param_groups.append({"params": groups["virtual"], "lr": lr, "weight_decay": 0.0})
     for name, group_lr in (("head", cfg.head_lr), ("backbone", cfg.backbone_lr)):
@@ -161,11 +143,11 @@ def _optimizer(model, cfg: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def _better(m: dict, best: dict | None) -> bool:
+def _better(m: dict[str, Any], best: dict[str, Any] | None) -> bool:
     return best is None or (m["accuracy"], m["macro_f1"]) > (best["accuracy"], best["macro_f1"])
 
 
-def train(cfg: TrainConfig, backbone=None) -> TrainResult:
+def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
     """Train, keep the best epoch, export (prefix/prompt, frozen backbone) and write ``<out>.log.json``."""
     import torch
     from torch.nn import functional as F
@@ -175,7 +157,7 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     from prefixserve.adapters.virtual_tokens import text_room
 
     from .data import load_datasets
-    from .model import AdapterModel, batches, tokenize
+    from .model import AdapterModel, batches, tokenize, tokenizer_of
     from .pretrain import load_prefix_init
 
     if cfg.kind not in ("prefix", "prompt", None):
@@ -200,7 +182,7 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
             raise BadRequestError(
                 "--init-from gives a materialised prefix; it cannot seed --prefix-projection", code="bad_init"
             )
-    p = cfg.num_virtual_tokens or (init.shape[0] if init is not None else 20)
+    p = cfg.num_virtual_tokens or (init.shape[0] if init is not None else DEFAULT_NUM_VIRTUAL_TOKENS)
     p = p if cfg.kind else 0
     room = text_room(backbone.model, p, cfg.max_length)
     if room < 3:
@@ -220,15 +202,19 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
         seed=cfg.seed,
         prefix_init=cfg.prefix_init,
     )
-    pad_id = backbone.tokenizer.pad_token_id
-    train_rows = tokenize(backbone.tokenizer, train_ds.examples, labels, room)
-    eval_rows = tokenize(backbone.tokenizer, eval_ds.examples, labels, room) if eval_ds and len(eval_ds) else []
+    tokenizer = tokenizer_of(backbone)
+    pad_id = tokenizer.pad_token_id
+    train_rows = tokenize(tokenizer, train_ds.examples, labels, room)
+    eval_rows = tokenize(tokenizer, eval_ds.examples, labels, room) if eval_ds and len(eval_ds) else []
     steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
     opt, sched = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     trainable = {k: sum(p.numel() for p in v) for k, v in model.trainable_parameters().items()}
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    history, best, kept, stale = [], None, None, 0
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    kept: dict[str, torch.Tensor] | None = None
+    stale = 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, loss_sum, seen = time.time(), 0.0, 0
@@ -268,6 +254,7 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
             stale += 1
             if cfg.patience and stale >= cfg.patience:
                 break
+    assert best is not None and kept is not None  # epochs >= 1, and the first epoch always beats None
     model.load_kept(kept)
     model.eval()
     train_time = time.time() - started
@@ -306,7 +293,7 @@ def train(cfg: TrainConfig, backbone=None) -> TrainResult:
     return TrainResult(model, labels, history, best_record, packed, log)
 
 
-def upload(url: str, prefix_id: str, api_key: str | None, data: bytes, timeout: float = 60.0) -> dict:
+def upload(url: str, prefix_id: str, api_key: str | None, data: bytes, timeout: float = 60.0) -> dict[str, Any]:
     """``PUT {url}/v1/prefixes/{prefix_id}`` with the packed bytes; returns the JSON reply (or ``{}``)."""
     import urllib.error
     import urllib.parse

@@ -17,6 +17,7 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         self.config = config
         p = config.num_virtual_tokens
+        self.transform: nn.Sequential | None  # the P-Tuning v2 reparametrisation, if any
         if config.prefix_projection:
             self.embedding = nn.Embedding(p, config.token_dim)
             self.transform = nn.Sequential(

@@ -7,7 +7,8 @@
   (:mod:`.redis_store`); the password may come from ``PREFIXSERVE_REDIS_PASSWORD`` instead
 * ``memory://`` -- a throwaway temporary file store, for tests and demos
 
-See :mod:`.base` for the semantics every backend keeps.
+See :mod:`.base` for the semantics every backend keeps, and why serving replicas need only the
+``AdapterReader`` side of the ``AdapterStore`` that ``open_store`` returns.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BadRequestError
 from .base import (
     DEFAULT_KEEP_VERSIONS,
+    AdapterReader,
     AdapterStore,
     ChangeEvent,
     Quota,
@@ -26,7 +28,6 @@ from .base import (
     Subscription,
     TenantInfo,
     Validator,
-    VersionedCache,
     VersionInfo,
     default_validator,
 )
@@ -36,13 +37,13 @@ ENV_URL = "PREFIXSERVE_STORE"
 
 __all__ = [
     "open_store",
+    "AdapterReader",
     "AdapterStore",
     "VersionInfo",
     "TenantInfo",
     "Quota",
     "ChangeEvent",
     "Subscription",
-    "VersionedCache",
     "Validator",
     "default_validator",
     "check_id",

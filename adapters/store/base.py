@@ -1,4 +1,5 @@
-"""The store contract: ``AdapterStore`` (no Ray, no HTTP), its records, and client-side helpers.
+"""The store contract: ``AdapterReader`` / ``AdapterStore`` (no Ray, no HTTP), their records, and
+``StoreBase``, the code the backends share.
 
 Decisions shared by every backend:
 
@@ -11,26 +12,32 @@ Decisions shared by every backend:
 * Quotas count the *current* versions (what a tenant serves): ``max_adapters`` ids and
   ``max_bytes`` in total; 0 means unlimited. The last ``keep_versions`` (default 3) versions of each
   id are kept for rollback/pull and the rest collected; they do not count towards the quota.
-* The change feed (``subscribe``) is a hint: Redis pub/sub can lose messages. ``VersionedCache``
-  revalidates every entry with a cheap ``head`` once it is older than ``max_staleness`` (1 s), so a
-  lost message cannot keep a stale adapter alive for longer than that.
+* The change feed (``subscribe``) is a hint: Redis pub/sub can lose messages (a reconnect emits a
+  ``resync`` event). Nothing relies on it for correctness: the Ingress ``head``s the store on every
+  request and the serving replicas key their device caches by ``tenant/prefix@version``, so a lost
+  event can only keep a superseded version in memory a little longer, never serve it.
+* Two protocols, one per side. ``AdapterReader`` is what a serving (model) replica needs: fetch
+  a named version, look up the current one, follow the change feed, close. ``AdapterStore`` extends
+  it with the admin side (publish, delete, tenants, keys, quotas, authentication, health) that only
+  the Ingress and the operator CLI use. A replica that depends on the reader alone cannot mutate
+  tenants' adapters by accident, and a read-only or caching backend for replicas need only
+  implement four methods.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import InvalidAdapterError, QuotaExceededError
 
 _log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 3
-META_KEYS = ("kind", "num_virtual_tokens", "labels", "fingerprint")
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,7 @@ def meta_to_dict(meta) -> dict:
     """Normalise a validator's result (AdapterMeta, dataclass or dict) into a JSON-safe dict."""
     if hasattr(meta, "to_dict"):
         meta = meta.to_dict()
-    elif is_dataclass(meta):
+    elif is_dataclass(meta) and not isinstance(meta, type):
         meta = asdict(meta)
     if not isinstance(meta, dict):
         raise InvalidAdapterError(
@@ -139,8 +146,13 @@ def meta_to_dict(meta) -> dict:
     return json.loads(json.dumps(meta))  # tuples -> lists; fails loudly on non-JSON values
 
 
+ChangeCallback = Callable[[ChangeEvent], None]
+
+
 class Subscription:
-    def __init__(self, store: StoreBase, callback: Callable[[ChangeEvent], None]):
+    """A change-feed subscriber; ``close`` stops its callbacks."""
+
+    def __init__(self, store: StoreBase, callback: ChangeCallback):
         self._store, self.callback = store, callback
 
     def close(self) -> None:
@@ -148,26 +160,35 @@ class Subscription:
 
 
 @runtime_checkable
-class AdapterStore(Protocol):
+class AdapterReader(Protocol):
+    """The read side: all a serving replica needs (it is told which version to serve)."""
+
+    def head(self, tenant: str, prefix_id: str) -> VersionInfo: ...
+    def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]: ...
+    def subscribe(self, callback: ChangeCallback) -> Subscription: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterStore(AdapterReader, Protocol):
+    """The full store: the reader plus the admin side (adapters, tenants, API keys, quotas, health)."""
+
     url: str
 
     def put(self, tenant: str, prefix_id: str, data: bytes) -> VersionInfo: ...
-    def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]: ...
-    def head(self, tenant: str, prefix_id: str) -> VersionInfo: ...
-    def list(self, tenant: str) -> list[VersionInfo]: ...
-    def versions(self, tenant: str, prefix_id: str) -> list[VersionInfo]: ...
+    # builtins.list: inside this class body ``list`` is the method below
+    def list(self, tenant: str) -> builtins.list[VersionInfo]: ...
+    def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]: ...
     def delete(self, tenant: str, prefix_id: str) -> None: ...
-    def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription: ...
     def create_tenant(self, name: str, quota: Quota | None = None) -> str: ...
     def tenant_info(self, name: str) -> TenantInfo: ...
-    def list_tenants(self) -> list[TenantInfo]: ...
+    def list_tenants(self) -> builtins.list[TenantInfo]: ...
     def set_quota(self, name: str, quota: Quota) -> None: ...
     def rotate_key(self, name: str, *, revoke_old: bool = True) -> str: ...
     def revoke_key(self, name: str, key_id: str | None = None) -> int: ...
     def delete_tenant(self, name: str) -> None: ...
     def authenticate(self, api_key: str) -> str | None: ...
     def ping(self) -> None: ...
-    def close(self) -> None: ...
 
 
 class StoreBase:
@@ -190,7 +211,7 @@ class StoreBase:
         return meta_to_dict(self.validator(bytes(data)))
 
     # change feed
-    def subscribe(self, callback: Callable[[ChangeEvent], None]) -> Subscription:
+    def subscribe(self, callback: ChangeCallback) -> Subscription:
         sub = Subscription(self, callback)
         with self._subs_lock:
             self._subs.append(sub)
@@ -216,93 +237,3 @@ class StoreBase:
 
     def close(self) -> None:
         self._closed.set()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-T = TypeVar("T")
-
-
-@dataclass
-class _Entry(Generic[T]):
-    info: VersionInfo
-    value: T
-    checked: float
-
-
-class VersionedCache(Generic[T]):
-    """Client-side cache of decoded adapters that a lost invalidation cannot keep stale for long.
-
-    ``get`` serves an entry validated less than ``max_staleness`` seconds ago; an older one is
-    revalidated with ``store.head`` (metadata only) and reloaded only if the version or sha256 moved.
-    Change events (if ``subscribe``) drop entries early. ``load(info, data)`` decodes bytes (e.g.
-    into tensors); it runs outside the lock.
-    """
-
-    def __init__(
-        self,
-        store: AdapterStore,
-        load: Callable[[VersionInfo, bytes], T] | None = None,
-        *,
-        max_staleness: float = 1.0,
-        subscribe: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.store, self.max_staleness, self._clock = store, float(max_staleness), clock
-        self._load = load or (lambda info, data: data)
-        self._entries: dict[tuple[str, str], _Entry[T]] = {}
-        self._lock = threading.Lock()
-        self.loads = self.revalidations = 0  # counters for tests and metrics
-        self._sub = store.subscribe(self.on_event) if subscribe else None
-
-    def get(self, tenant: str, prefix_id: str) -> tuple[VersionInfo, T]:
-        key, now = (tenant, prefix_id), self._clock()
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is not None and now - entry.checked < self.max_staleness:
-            return entry.info, entry.value
-        if entry is not None:
-            self.revalidations += 1
-            try:
-                head = self.store.head(tenant, prefix_id)
-            except Exception:
-                self.invalidate(tenant, prefix_id)
-                raise
-            if head.version == entry.info.version and head.sha256 == entry.info.sha256:
-                entry.checked = now
-                return entry.info, entry.value
-        info, data = self.store.get(tenant, prefix_id)
-        value = self._load(info, data)
-        self.loads += 1
-        with self._lock:
-            self._entries[key] = _Entry(info, value, now)
-        return info, value
-
-    def on_event(self, event: ChangeEvent) -> None:
-        with self._lock:
-            if event.resync:
-                self._entries.clear()
-                return
-            entry = self._entries.get((event.tenant, event.prefix_id))
-            if entry is not None and entry.info.version != event.version:
-                del self._entries[(event.tenant, event.prefix_id)]
-
-    def invalidate(self, tenant: str | None = None, prefix_id: str | None = None) -> None:
-        with self._lock:
-            if tenant is None:
-                self._entries.clear()
-            else:
-                self._entries.pop((tenant, prefix_id), None)
-
-    def cached(self, tenant: str, prefix_id: str) -> VersionInfo | None:
-        with self._lock:
-            entry = self._entries.get((tenant, prefix_id))
-        return entry.info if entry else None
-
-    def close(self) -> None:
-        if self._sub is not None:
-            self._sub.close()

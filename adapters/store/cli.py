@@ -32,8 +32,9 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _print(args, data, rows: list[dict] | None = None, columns: list[str] | None = None) -> None:
-    if args.json or rows is None:
+def _print(args, data, rows: list[dict], columns: list[str]) -> None:
+    """``data`` as JSON with ``--json``, else ``rows`` as a table of ``columns``."""
+    if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(_table(rows, columns) if rows else "(none)")

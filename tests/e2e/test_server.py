@@ -1,4 +1,4 @@
-"""End-to-end: real HTTP (httpx) against a real Ray Serve app (Ingress -> 2 Backbone replicas) on a
+"""End-to-end: real HTTP (httpx) against a real Ray Serve app (Ingress -> 2 Worker replicas) on a
 tiny synthetic RoBERTa, with a real redis-server store. One app for the whole module (Ray start and
 replica start-up dominate the cost)."""
 
@@ -8,6 +8,7 @@ import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def server(ray_serve, redis_server, tiny_backbones, tmp_path_factory):
         store=redis_server.url + "?prefix=srvtest:",
         device="cpu",
         replicas=2,
-        backbone_num_cpus=0.5,
+        worker_num_cpus=0.5,
         ingress_num_cpus=0.5,
         torch_threads=1,
         max_batch_size=16,
@@ -137,7 +138,7 @@ def test_peft_multipart_matches_peft(server, tmp_path):
 
     c, key = server["client"], new_tenant(server, "peftco")
     folder = make_peft_adapter(server["backbone"], tmp_path / "peft", "prefix", 5, 2, seed=7)
-    files = {
+    files: dict[str, Any] = {
         "adapter_config": ("adapter_config.json", Path(f"{folder}/adapter_config.json").read_bytes()),
         "adapter_model": ("adapter_model.safetensors", Path(f"{folder}/adapter_model.safetensors").read_bytes()),
     }
@@ -235,8 +236,8 @@ def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
     assert put_packed(server, key, "live", v1).status_code == 201
 
     def sweep(t0, want, max_calls=200):
-        """Classify (4 at a time) until both Backbone replicas answered; {replica: (sent - t0, json)}."""
-        seen = {}
+        """Classify (4 at a time) until both Worker replicas answered; {replica: (sent - t0, json)}."""
+        seen: dict[str, tuple[float, Any]] = {}
 
         def one(_):
             sent = time.monotonic()
@@ -252,7 +253,7 @@ def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
         return seen
 
     old = sweep(time.monotonic(), 1)
-    assert len(old) == 2, "requests did not reach both Backbone replicas"
+    assert len(old) == 2, "requests did not reach both Worker replicas"
     assert {o["version"] for _, o in old.values()} == {1}
     t0 = time.monotonic()
     r = put_packed(server, key, "live", v2)

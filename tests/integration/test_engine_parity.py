@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -23,6 +25,11 @@ TEXTS = [
 ]
 
 
+def _returns(packed: bytes) -> Callable[[], bytes]:
+    """An ``Engine.adapter`` loader bound to this adapter's bytes (not to the loop variable)."""
+    return lambda: packed
+
+
 @pytest.fixture(scope="module", params=["roberta", "bert"])
 def setup(request, tiny_backbones, tmp_path_factory):
     arch = request.param
@@ -34,7 +41,7 @@ def setup(request, tiny_backbones, tmp_path_factory):
         folder = make_peft_adapter(bdir, tmp_path_factory.mktemp(f"{arch}-{method}-{k}"), method, p, c, seed=k)
         labels = [f"{method}-{i}" for i in range(c)]
         packed = pack_folder(folder, labels=labels, fingerprint=backbone.fingerprint)
-        adapters.append((folder, c, engine.adapter(f"tenant{k}/a{k}@1", lambda packed=packed: packed)))
+        adapters.append((folder, c, engine.adapter(f"tenant{k}/a{k}@1", _returns(packed))))
     return bdir, backbone, engine, adapters
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from prefixserve.adapters.backbone import load_backbone
 from prefixserve.adapters.peft_io import pack_folder
-from prefixserve.server.cli import main
+from prefixserve.server.main import main
 from tests.fixtures.backbones import make_peft_adapter, peft_logits
 
 

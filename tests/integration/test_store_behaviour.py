@@ -9,7 +9,7 @@ import time
 import pytest
 
 from prefixserve.adapters.errors import InvalidAdapterError, InvalidIdError, NotFoundError, QuotaExceededError
-from prefixserve.adapters.store import ChangeEvent, Quota, VersionedCache, open_store
+from prefixserve.adapters.store import AdapterReader, AdapterStore, ChangeEvent, Quota, open_store
 
 MAGIC = b"PSTEST01"
 
@@ -35,24 +35,30 @@ def fake_validator(data: bytes) -> dict:
     return {"kind": "prefix", "num_virtual_tokens": v, "labels": ("neg", "pos"), "fingerprint": f"fp-{v}"}
 
 
+class StoreFactory:
+    """``backend()`` -> a new client of one fresh store (every call opens the same URL)."""
+
+    def __init__(self, kind: str, url: str, extra: dict):
+        self.kind, self.url, self.extra = kind, url, extra
+        self.opened: list[AdapterStore] = []
+
+    def __call__(self, **opts) -> AdapterStore:
+        validator = opts.pop("validator", fake_validator)  # validator=None -> format.inspect_packed
+        store = open_store(self.url, validator=validator, **{**self.extra, **opts})
+        self.opened.append(store)
+        return store
+
+
 @pytest.fixture(params=["file", "redis"])
 def backend(request, tmp_path):
-    """A factory for clients of one fresh store: ``backend()`` -> a new store object on the same URL."""
     if request.param == "file":
         url, extra = f"file://{tmp_path}/store", {"poll_interval": 0.05}
     else:
         server = request.getfixturevalue("redis_server")
         url, extra = f"{server.url}?prefix={request.getfixturevalue('redis_prefix')}", {}
-    opened = []
-
-    def make(**opts):
-        store = open_store(url, validator=opts.pop("validator", fake_validator), **{**extra, **opts})
-        opened.append(store)
-        return store
-
-    make.kind = request.param
-    yield make
-    for store in opened:
+    factory = StoreFactory(request.param, url, extra)
+    yield factory
+    for store in factory.opened:
         store.close()
 
 
@@ -240,6 +246,10 @@ def test_writer_overwriting_while_readers_read_never_tears(backend):
     assert decode(readers[0].get("acme", "hot")[1]) == v
 
 
+def test_backends_implement_both_protocols(store):
+    assert isinstance(store, AdapterReader) and isinstance(store, AdapterStore)
+
+
 def test_invalidation_reaches_a_second_client_within_one_second(backend):
     a, b = backend(), backend()
     a.create_tenant("acme")
@@ -252,42 +262,16 @@ def test_invalidation_reaches_a_second_client_within_one_second(backend):
             got.set()
 
     sub = b.subscribe(on_event)
-    cache = VersionedCache(b, lambda info, data: decode(data), max_staleness=60)  # bound off: events only
-    assert cache.get("acme", "x")[1] == 1
+    assert decode(b.get("acme", "x")[1]) == 1
     t0 = time.monotonic()
     a.put("acme", "x", make_blob(2))
     assert got.wait(1.0), "no change event within 1 s"
     assert events[-1] == ChangeEvent("acme", "x", 2)
-    while cache.cached("acme", "x") is not None and time.monotonic() - t0 < 1.0:
-        time.sleep(0.01)
-    assert cache.get("acme", "x")[1] == 2 and time.monotonic() - t0 < 1.0
+    assert decode(b.get("acme", "x")[1]) == 2 and time.monotonic() - t0 < 1.0
     got.clear()
     a.delete("acme", "x")
     assert got.wait(1.0) and events[-1] == ChangeEvent("acme", "x", None)
     sub.close()
-    cache.close()
-
-
-def test_lost_invalidation_is_bounded_by_revalidation(backend):
-    a, b = backend(), backend()
-    a.create_tenant("acme")
-    a.put("acme", "x", make_blob(1))
-    cache = VersionedCache(b, lambda info, data: decode(data), max_staleness=0.3, subscribe=False)  # every message lost
-    assert cache.get("acme", "x")[1] == 1
-    a.put("acme", "x", make_blob(2))
-    t0 = time.monotonic()
-    while cache.get("acme", "x")[1] != 2:
-        assert time.monotonic() - t0 < 0.3 + 0.2, "stale adapter outlived the revalidation bound"
-        time.sleep(0.01)
-    loads = cache.loads
-    for _ in range(50):  # unchanged -> revalidated by head, not reloaded
-        cache.get("acme", "x")
-    assert cache.loads == loads
-    a.delete("acme", "x")
-    time.sleep(0.35)
-    with pytest.raises(NotFoundError):
-        cache.get("acme", "x")
-    assert cache.cached("acme", "x") is None
 
 
 def test_default_validator_accepts_a_real_packed_adapter_and_rejects_junk(backend):

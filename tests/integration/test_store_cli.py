@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prefixserve.server.cli import main
+from prefixserve.server.main import main
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from prefixserve.adapters.format import load_packed
 from prefixserve.adapters.peft_io import unpack
 from prefixserve.adapters.virtual_tokens import text_room
 from prefixserve.trainer.data import Example, load_datasets, read_examples
-from prefixserve.trainer.model import AdapterModel, collate, tokenize
+from prefixserve.trainer.model import AdapterModel, collate, tokenize, tokenizer_of, word_embeddings
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 
@@ -178,9 +178,13 @@ def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones,
         mine = res.model.eval()(ids, mask, types)  # (N, C)
     engine = Engine(bb)
     adapter = engine.adapter("t/a@1", lambda: packed)
-    other = engine.adapter(
-        "t/b@1", lambda: train(cfg(bdir, data, kind="prefix", num_virtual_tokens=2, epochs=1), backbone=bb).packed
-    )
+
+    def other_tenant() -> bytes:  # a second adapter in the same batch
+        packed = train(cfg(bdir, data, kind="prefix", num_virtual_tokens=2, epochs=1), backbone=bb).packed
+        assert packed is not None
+        return packed
+
+    other = engine.adapter("t/b@1", other_tenant)
     batch = [r for t in TEXTS for r in (Row(adapter, t), Row(other, t))]
     served = torch.stack(engine.forward(batch)[0][::2])  # (N, C)
     assert (served - mine).abs().max() <= TOL
@@ -208,9 +212,10 @@ def test_loss_decreases(kind, learnable, data):
     bb = load_backbone(learnable, device="cpu")
     res = train(cfg(learnable, data, kind=kind, epochs=8, head_lr=1e-2), backbone=bb)
     start = AdapterModel(bb.model, 2, kind=kind, num_virtual_tokens=4, seed=42, prefix_init="tokens")
-    rows = tokenize(bb.tokenizer, read_examples(data["train"]).examples, res.labels, text_room(bb.model, 4, 128))
-    before, _ = evaluate(start, rows, 64, bb.tokenizer.pad_token_id, "cpu", 2)
-    after, _ = evaluate(res.model, rows, 64, bb.tokenizer.pad_token_id, "cpu", 2)
+    tokenizer = tokenizer_of(bb)
+    rows = tokenize(tokenizer, read_examples(data["train"]).examples, res.labels, text_room(bb.model, 4, 128))
+    before, _ = evaluate(start, rows, 64, tokenizer.pad_token_id, "cpu", 2)
+    after, _ = evaluate(res.model, rows, 64, tokenizer.pad_token_id, "cpu", 2)
     assert after["loss"] < before["loss"] - 0.02, (before, after)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
@@ -255,9 +260,7 @@ def test_full_fine_tuning_leaves_the_shared_backbone_alone(backbones, tiny_backb
     )
     assert res.packed is None and res.log["trainable_params"]["backbone"] > 0
     assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
-    assert not torch.equal(
-        res.model.encoder.embeddings.word_embeddings.weight, bb.model.embeddings.word_embeddings.weight
-    )
+    assert not torch.equal(word_embeddings(res.model.encoder).weight, word_embeddings(bb.model).weight)
 
 
 # ---- pre-trained prefix -------------------------------------------------------------------------
@@ -308,6 +311,7 @@ def test_init_from_round_trip_and_errors(pretrained, backbones, tiny_backbones, 
     assert trained.model.num_virtual_tokens == 4
     # a packed prefix adapter also seeds a prefix
     again = tiny_backbones["roberta"] + "-adapter.safetensors"
+    assert trained.packed is not None
     Path(again).write_bytes(trained.packed)
     assert torch.equal(load_prefix_init(again, bb), trained.model.virtual.materialise())
     with pytest.raises(BadRequestError):  # length mismatch

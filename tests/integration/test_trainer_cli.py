@@ -1,16 +1,19 @@
-"""CLI smoke tests for train / pretrain / experiment through ``prefixserve.server.cli.main``."""
+"""CLI smoke tests for train / pretrain / experiment through ``prefixserve.server.main.main``."""
 
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import MISSING, Field, fields
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
 
 import pytest
 
 from prefixserve.adapters.format import load_packed
-from prefixserve.server.cli import main
-from tests.test_trainer import FILLER, NEG, POS, one_thread, write_tsv  # noqa: F401 (autouse fixture)
+from prefixserve.server.main import build_parser, main
+from prefixserve.trainer.config import ExperimentConfig, PretrainConfig, TrainConfig
+from tests.integration.test_trainer import FILLER, NEG, POS, one_thread, write_tsv  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture
@@ -226,3 +229,35 @@ def test_help_lists_defaults(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "--num-virtual-tokens" in text and "default: 0.01" in text
+
+
+def _default(f: Field[Any]) -> object:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+@pytest.mark.parametrize(
+    "argv,config_cls",
+    [
+        (["train", "--backbone", "b", "--train", "t", "--out", "o"], TrainConfig),
+        (["pretrain", "--backbone", "b", "--corpus", "c", "--out", "o"], PretrainConfig),
+        (["experiment", "table1", "--backbone", "b", "--train", "t", "--out", "o"], ExperimentConfig),
+    ],
+)
+def test_cli_options_are_the_config_fields(argv, config_cls, capsys):
+    """The options are generated from the config dataclasses: same names, same defaults, each shown in --help."""
+    args = vars(build_parser().parse_args(argv))
+    given = {"backbone", "train", "corpus", "out"}
+    code_only = {"train_backbone", "max_grad_norm"}
+    for f in fields(config_cls):
+        if f.name in code_only:
+            assert f.name not in args
+            continue
+        assert f.name in given or args[f.name] == _default(f), f.name
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv[: 2 if argv[0] == "experiment" else 1], "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal width
+    for f in fields(config_cls):
+        if f.name not in code_only:
+            assert ("--no-" if f.default is True else "--") + f.name.replace("_", "-") in text
+            if _default(f) not in (None, True, MISSING) and f.name not in given:
+                assert f"default: {_default(f)}" in text, f.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,9 @@ def test_settings_validation():
     from prefixserve.server.schemas import AppSettings
 
     s = AppSettings(backbone="x", store="file:///tmp/s", max_batch_size=8)
-    assert s.backbone_max_ongoing == 16 and s.user_config() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    assert s.worker_max_ongoing == 16 and s.user_config() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    older = AppSettings.model_validate({"backbone_num_cpus": 2, "worker_num_gpus": 1})  # the older spelling works
+    assert (older.worker_num_cpus, older.worker_num_gpus) == (2, 1)
     for bad in (
         dict(store="/tmp/no-scheme"),
         dict(max_batch_size=16, max_ongoing_requests=8),
@@ -29,7 +32,7 @@ def test_settings_validation():
 
 def test_build_app_loads_nothing(monkeypatch):
     import prefixserve.adapters.backbone as bb
-    from prefixserve.server.app import backbone_options, build_app
+    from prefixserve.server.app import build_app, worker_options
     from prefixserve.server.schemas import AppSettings
 
     monkeypatch.setattr(bb, "load_backbone", lambda *a, **k: pytest.fail("model loaded while building the app"))
@@ -41,18 +44,19 @@ def test_build_app_loads_nothing(monkeypatch):
             "max_batch_size": 4,
         }
     )
-    ingress = app._bound_deployment
+    ingress: Any = app._bound_deployment
     assert ingress.name == "Ingress"
-    backbone = (
+    worker = (
         ingress.init_args[0]._bound_deployment
         if hasattr(ingress.init_args[0], "_bound_deployment")
         else ingress.init_args[0]
     )
-    assert backbone.name == "Backbone"
-    opts = backbone_options(AppSettings(max_batch_size=4, replicas=2))
+    assert worker.name == "Worker"
+    assert isinstance(ingress.init_args[1], AppSettings) and ingress.init_args[1].max_batch_size == 4
+    opts = worker_options(AppSettings(max_batch_size=4, replicas=2))
     assert opts["num_replicas"] == 2 and opts["max_ongoing_requests"] >= 4
     assert opts["user_config"]["max_batch_size"] == 4
-    auto = backbone_options(AppSettings(autoscaling={"min_replicas": 0, "max_replicas": 4}))
+    auto = worker_options(AppSettings.model_validate({"autoscaling": {"min_replicas": 0, "max_replicas": 4}}))
     assert "num_replicas" not in auto and auto["autoscaling_config"]["max_replicas"] == 4
     assert auto["autoscaling_config"]["target_ongoing_requests"] == 32.0  # = max_batch_size by default
 
@@ -62,7 +66,7 @@ def test_admin_key_file_and_env(tmp_path, monkeypatch):
 
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     key, path = resolve_admin_key(tmp_path / "sub" / "admin_key")
-    assert path.is_file() and stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(key) > 30
+    assert path is not None and path.is_file() and stat.S_IMODE(os.stat(path).st_mode) == 0o600 and len(key) > 30
     assert resolve_admin_key(path) == (key, path)  # every replica reads the same key
     monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
     assert resolve_admin_key(path) == ("from-env", None)
@@ -92,8 +96,8 @@ def test_authenticator():
 
 
 def test_serve_cli_parses():
-    from prefixserve.server.cli import build_parser
-    from prefixserve.server.serve_cli import settings_from_args
+    from prefixserve.server.cli import settings_from_args
+    from prefixserve.server.main import build_parser
 
     parser = build_parser()
     args = parser.parse_args(
@@ -122,17 +126,21 @@ def test_serve_cli_parses():
             parser.parse_args(["serve", "--backbone", "b", "--store", "memory://", *bad])
 
 
-def test_metrics_render_with_backbone_snapshot():
-    from prefixserve.adapters.cache import CacheStats
-    from prefixserve.server.metrics import BackboneStats, IngressMetrics
+def test_metrics_render_with_worker_snapshot():
+    import pickle
 
-    stats = BackboneStats("r1")
+    from prefixserve.adapters.cache import CacheStats
+    from prefixserve.server.metrics import IngressMetrics, WorkerStats
+
+    stats = WorkerStats("r1")
     stats.batch(rows=5, adapters=3, seconds=0.01)
     stats.fetch(0.002)
     m = IngressMetrics()
     m.observe("/v1/classify", "acme", 200, 0.02)
     m.observe("/v1/classify", "acme", 404, 0.01, code="not_found")
-    m.backbone_snapshot(stats.snapshot(CacheStats(hits=4, misses=1, evictions=0)))
+    snap = stats.snapshot(CacheStats(hits=4, misses=1, evictions=0))
+    assert pickle.loads(pickle.dumps(snap)) == snap  # it crosses the Ray boundary
+    m.worker_snapshot(snap)
     text = m.render()[0].decode()
     assert 'prefixserve_request_errors_total{code="not_found",tenant="acme"} 1.0' in text
     assert 'prefixserve_adapter_cache_hits_total{replica="r1"} 4.0' in text

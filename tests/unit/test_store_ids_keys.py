@@ -53,7 +53,9 @@ def test_resolved_paths_stay_under_the_root_even_through_symlinks(tmp_path):
 
 def test_api_keys_are_hashed_with_salt_and_pepper():
     key, rec = new_key("acme", b"pepper")
-    key_id, secret = parse_api_key(key)
+    parsed = parse_api_key(key)
+    assert parsed is not None
+    key_id, secret = parsed
     assert rec["key_id"] == key_id and secret not in str(rec) and rec["tenant"] == "acme"
     assert verify(secret, rec, b"pepper") == "acme"
     assert verify(secret, rec, b"other pepper") is None  # the pepper is needed to check a key
