@@ -60,15 +60,12 @@ test-latest:
 	rm -rf $(LATEST)
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q $(PIP_PIN)
-	$(LATEST)/bin/pip install -q $(TORCH)
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "$(TORCH)" > $(LATEST)/torch.txt  # torch stays the Makefile's pin (newer ones are multi-GB CUDA builds)
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch.txt $(TORCH)
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(if $(LATEST_OVERRIDE),$(LATEST)/bin/pip install -q --no-deps $(LATEST_OVERRIDE))
-	$(LATEST)/bin/pip freeze --exclude-editable | sort > $(LATEST)/freeze.txt
-	@echo "== newer than $(LOCK):"; $(LATEST)/bin/python -c "import re,sys; \
-	lock=dict(re.findall(r'^([A-Za-z0-9_.-]+)==([^ ;]+)', open('$(LOCK)').read(), re.M)); \
-	norm=lambda n: re.sub(r'[-_.]+','-',n).lower(); lock={norm(k):v for k,v in lock.items()}; \
-	[print(' ', n, lock.get(norm(n), '(not locked)'), '->', v) for n,v in \
-	 (l.strip().split('==') for l in open('$(LATEST)/freeze.txt') if '==' in l) if lock.get(norm(n)) != v.split('+')[0]]"
+	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/freeze.txt
+	$(LATEST)/bin/python .ci/lock_diff.py $(LOCK) $(LATEST)/freeze.txt
 	$(LATEST)/bin/python -m pytest -q tests
 
 bench: $(STAMP)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 from typing import Generic, TypeVar
 
+DEFAULT_BUDGET_BYTES = 2 * 2**30  # per engine (Worker replica); AppSettings.cache_bytes defaults to it
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from .backbone import Backbone
-from .cache import AdapterCache
+from .cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
 from .ref import AdapterRef
@@ -82,7 +82,7 @@ class Engine:
     positions its adapter leaves (``max_position_embeddings - offset - P``).
     """
 
-    def __init__(self, backbone: Backbone, *, cache_bytes: int = 2 * 2**30, max_length: int | None = None):
+    def __init__(self, backbone: Backbone, *, cache_bytes: int = DEFAULT_BUDGET_BYTES, max_length: int | None = None):
         self.backbone = backbone
         self.model = backbone.model
         self.tokenizer: Any = backbone.tokenizer  # a transformers tokenizer (untyped call signature)

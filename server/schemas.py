@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefixserve.adapters.cache import DEFAULT_BUDGET_BYTES
 from prefixserve.adapters.store import VersionInfo
 
 MiB = 2**20
@@ -61,7 +62,7 @@ class AppSettings(BatchingConfig):
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field("float32", description="float32 | float16 | bfloat16")
-    cache_bytes: int = Field(2 * 2**30, gt=0, description="device adapter cache budget per Worker replica")
+    cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, gt=0, description="device adapter cache budget per Worker replica")
     replicas: int = Field(
         1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"), description="fixed Worker replicas"
     )

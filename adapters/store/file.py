@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import ConflictError, NotFoundError, PrefixServeError
-from .base import ChangeEvent, Quota, StoreBase, TenantInfo, VersionInfo
+from .base import DEFAULT_KEEP_VERSIONS, ChangeEvent, Quota, StoreBase, TenantInfo, VersionInfo
 from .ids import check_id, check_tenant, check_version, safe_join
 from .keys import new_key, parse_api_key, resolve_pepper, verify
 
@@ -68,7 +68,7 @@ class FileStore(StoreBase):
         root: str | os.PathLike,
         *,
         validator=None,
-        keep_versions: int = 3,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
         poll_interval: float = 0.2,
         pepper: str | None = None,
         url: str | None = None,

@@ -39,7 +39,7 @@ from typing import Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConflictError, NotFoundError, PrefixServeError, QuotaExceededError, StoreUnavailableError
-from .base import Quota, StoreBase, TenantInfo, VersionInfo
+from .base import DEFAULT_KEEP_VERSIONS, Quota, StoreBase, TenantInfo, VersionInfo
 from .ids import check_id, check_tenant, check_version
 from .keys import new_key, parse_api_key, resolve_pepper, verify
 from .redis_scripts import SCRIPTS
@@ -91,7 +91,7 @@ class RedisStore(StoreBase):
         url: str,
         *,
         validator=None,
-        keep_versions: int = 3,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
         prefix: str | None = None,
         password: str | None = None,
         pepper: str | None = None,

@@ -447,6 +447,13 @@ def dockerfile_problems(text: str, ray_version: str) -> list[str]:
     pip_at = next((i for i, ln in enumerate(lines) if re.search(r"\bpip install\b.*\s\.(\[[^]]*\])?(\s|$)", ln)), None)
     if torch_at is None or pip_at is None or torch_at > pip_at:
         problems.append("torch must be pinned and installed before `pip install .`")
+    installs = [ln for ln in lines if re.search(r"\bpip install\b", ln)]
+    if not installs or any("-c requirements.lock" not in ln for ln in installs):
+        problems.append("every pip install must be constrained by the lock (-c requirements.lock)")
+    if not any(ln.startswith("COPY") and "requirements.lock" in ln for ln in lines):
+        problems.append("requirements.lock is not copied into the image")
+    if "!requirements.lock" not in (DEPLOY / "Dockerfile.dockerignore").read_text():
+        problems.append("requirements.lock is excluded by Dockerfile.dockerignore")
     if "HF_HOME=/models/hf" not in text or 'VOLUME ["/models"]' not in text:
         problems.append("model cache: HF_HOME / VOLUME missing")
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
@@ -467,3 +474,7 @@ def test_dockerfile(built):
     assert dockerfile_problems(text, ray_version) == []
     broken = text.replace("USER 1000:100\nWORKDIR", "WORKDIR").replace("COPY --chown=1000:100 server ./server\n", "")
     assert len(dockerfile_problems(broken, ray_version)) == 2  # runs as root; server/ not copied
+    unlocked = text.replace("pip install -c requirements.lock .", "pip install .")
+    assert dockerfile_problems(unlocked, ray_version) == [
+        "every pip install must be constrained by the lock (-c requirements.lock)"
+    ]
