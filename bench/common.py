@@ -33,47 +33,10 @@ SHAPES = {
     "tiny": dict(hidden=32, layers=2, heads=4, max_positions=514, vocab_size=512),  # smoke tests only
 }
 # English words the synthetic WordPiece vocabulary holds whole (one token each).
-_WORDS = [
-    "the",
-    "movie",
-    "film",
-    "good",
-    "bad",
-    "great",
-    "terrible",
-    "not",
-    "very",
-    "really",
-    "fun",
-    "boring",
-    "plot",
-    "actor",
-    "story",
-    "love",
-    "hate",
-    "best",
-    "worst",
-    "ever",
-    "and",
-    "but",
-    "of",
-    "to",
-    "in",
-    "on",
-    "for",
-    "with",
-    "at",
-    "by",
-    "from",
-    "as",
-    "have",
-    "has",
-    "had",
-    "do",
-    "does",
-    "will",
-    "would",
-]
+_WORDS = (
+    "the movie film good bad great terrible not very really fun boring plot actor story love hate "
+    "best worst ever and but of to in on for with at by from as have has had do does will would"
+).split()
 
 
 # ---- command line ---------------------------------------------------------------------------------
