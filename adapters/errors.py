@@ -32,13 +32,16 @@ class PrefixServeError(Exception):
         super().__init_subclass__(**kwargs)
         _BY_CODE.setdefault(cls.code, cls)
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(
+        self, message: str, *, code: str | None = None, status: int | None = None, retry_after: float | None = None
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:  # an instance attribute shadows the class default only when given
             self.code = code
         if status is not None:
             self.status = status
+        self.retry_after = retry_after  # seconds; sent as ``Retry-After`` (429, 503)
 
     def to_dict(self) -> dict[str, dict[str, str]]:
         """The envelope every HTTP error body and batch-job error line uses."""
@@ -55,7 +58,7 @@ class PrefixServeError(Exception):
         return klass(str(body.get("message") or code), code=code, status=status or klass.status)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self.code, self.status))
+        return (_rebuild, (type(self), self.message, self.code, self.status, self.retry_after))
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -68,8 +71,10 @@ class PrefixServeError(Exception):
         return hash((type(self), self.code, self.status, self.message))
 
 
-def _rebuild(klass: type[PrefixServeError], message: str, code: str, status: int) -> PrefixServeError:
-    return klass(message, code=code, status=status)
+def _rebuild(
+    klass: type[PrefixServeError], message: str, code: str, status: int, retry_after: float | None = None
+) -> PrefixServeError:
+    return klass(message, code=code, status=status, retry_after=retry_after)
 
 
 class InternalError(PrefixServeError):
@@ -78,8 +83,15 @@ class InternalError(PrefixServeError):
     code = "internal"
     status = 500
 
-    def __init__(self, message: str = "internal error", *, code: str | None = None, status: int | None = None):
-        super().__init__(message, code=code, status=status)
+    def __init__(
+        self,
+        message: str = "internal error",
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, code=code, status=status, retry_after=retry_after)
 
 
 def as_error(exc: BaseException, log: logging.Logger | None = None) -> PrefixServeError:
@@ -137,6 +149,20 @@ class ConflictError(PrefixServeError):
 class AuthError(PrefixServeError):
     code = "unauthorized"
     status = 401
+
+
+class ForbiddenError(PrefixServeError):
+    """A valid key for the wrong role (a tenant key on an admin route)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class RateLimitedError(PrefixServeError):
+    """Over a per-tenant rate or concurrency limit; ``retry_after`` says when to come back."""
+
+    code = "rate_limited"
+    status = 429
 
 
 class BadRequestError(PrefixServeError):

@@ -9,6 +9,7 @@ incident id (the traceback goes to the log).
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large
 
 def error_response(request: Request, exc: PrefixServeError) -> JSONResponse:
     request.state.error_code = exc.code  # read by the metrics middleware
-    return JSONResponse(exc.to_dict(), status_code=exc.status)
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
 async def _on_ours(request: Request, exc: Exception) -> JSONResponse:
