@@ -3,11 +3,20 @@
 Decisions:
 * Loaded with ``AutoModel`` in fp32, fingerprinted, then cast to the serving dtype, frozen and put
   in eval mode on CUDA when available (else CPU).
-* RoBERTa-style checkpoints carry no pooler (their SEQ_CLS head does not use one), so they load with
-  ``add_pooling_layer=False``; BERT keeps its checkpoint pooler, which PEFT's BERT head uses.
+* **The same backbone is the same function in every process**: nothing freshly (randomly) initialised
+  survives the load. RoBERTa-style checkpoints load with ``add_pooling_layer=False`` (their SEQ_CLS head
+  does not use a pooler). A BERT checkpoint keeps its pooler only when every pooler tensor came from the
+  checkpoint (``from_pretrained``'s missing keys say so); a checkpoint without pooler weights
+  (multilingual-e5, many sentence-transformers exports) gets its random pooler **removed** right after
+  the load (``model.pooler = None``, exactly what ``add_pooling_layer=False`` builds), so no head can use
+  it. ``Backbone.has_pooler`` / ``BackboneSpec.has_pooler`` record which case it is; a BERT-style head on a
+  pooler-less backbone must bring its own pooler (see :mod:`.heads`), or it is refused (``needs_pooler``).
 * The **fingerprint** hashes the model type, the shape-defining config and every tensor that came
   from the checkpoint (names, shapes, fp32 bytes) - never freshly initialised ones, which differ at
-  every load. It is independent of the serving dtype and device. Cached beside a local checkpoint
+  every load. The pooler is therefore in it exactly when the backbone has one: a checkpoint with pooler
+  weights and the same checkpoint without them have different fingerprints, and no separate marker is
+  hashed, so every fingerprint computed before this rule (and every cached one) is unchanged.
+  It is independent of the serving dtype and device. Cached beside a local checkpoint
   (``.prefixserve-fingerprint.json``, keyed by file sizes and mtimes) because hashing ~0.5 GB
   takes a second or two.
 """
@@ -25,12 +34,11 @@ import torch
 
 from .errors import BadRequestError
 from .format import BackboneSpec
-from .heads import expected_head_style
+from .heads import ROBERTA_LIKE, expected_head_style
 from .virtual_tokens import max_text_tokens
 
 log = logging.getLogger(__name__)
 
-ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}
 SUPPORTED = ROBERTA_LIKE | {"bert"}
 DTYPES = {
     "float32": torch.float32,
@@ -72,6 +80,11 @@ class Backbone:
         return self.model.config
 
     @property
+    def has_pooler(self) -> bool:
+        """A pooler from the checkpoint (BERT with pooler weights); never a randomly initialised one."""
+        return getattr(self.model, "pooler", None) is not None
+
+    @property
     def spec(self) -> BackboneSpec:
         c = self.config
         return BackboneSpec(
@@ -81,6 +94,7 @@ class Backbone:
             hidden=c.hidden_size,
             head_style=expected_head_style(self.model),
             max_virtual_tokens=max_text_tokens(self.model, 0) - MIN_TEXT_TOKENS,
+            has_pooler=self.has_pooler,
         )
 
 
@@ -138,8 +152,11 @@ def load_backbone(name_or_path: str, *, device: str = "auto", dtype: str = "floa
     kwargs = {"add_pooling_layer": False} if config.model_type in ROBERTA_LIKE else {}
     model, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, dtype=torch.float32, **kwargs)
     missing = set(info.get("missing_keys", []))
-    if any(k.startswith("pooler.") for k in missing):
-        log.warning("backbone %s has no pooler weights: BERT-style heads would use a random pooler", name_or_path)
+    if getattr(model, "pooler", None) is not None and any(k.startswith("pooler.") for k in missing):
+        model.pooler = None  # randomly initialised: drop it (what add_pooling_layer=False builds), see docstring
+        log.warning(
+            "backbone %s has no pooler weights: loaded without one; BERT heads must bring their own", name_or_path
+        )
     folder = Path(name_or_path) if os.path.isdir(name_or_path) else None
     fingerprint = _cached_fingerprint(folder)
     state = model.state_dict()

@@ -5,6 +5,9 @@ A PEFT folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.jso
 save label names or the backbone, so ``unpack`` also writes ``prefixserve.json`` (labels,
 fingerprint) which ``pack`` reads back; PEFT ignores it.
 
+A BERT-style head may carry its own pooler (``base_model.bert.pooler.dense.*``, what PEFT saves with
+``modules_to_save=["classifier", "pooler"]``); it packs and unpacks like the classifier (see :mod:`.heads`).
+
 Projected prefixes (``prefix_projection=True``): PEFT saves the *materialised* K/V, so the packed
 file always holds ``prompt_embeddings`` of shape (P, layers*2*hidden) and loads in PEFT with
 ``inference_mode`` like any prefix.
@@ -19,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import BadRequestError, InvalidAdapterError
-from .format import DEFAULT_LIMITS, AdapterFile, dump_packed, load_packed
+from .format import DEFAULT_LIMITS, AdapterFile, dump_packed, load_packed, read_header, strict_json
 from .heads import split_head
 
 SIDECAR = "prefixserve.json"
@@ -27,33 +30,58 @@ SIDECAR = "prefixserve.json"
 
 def default_labels(tensors) -> list[str]:
     head = split_head(tensors)
-    weight = head.get("out_proj.weight", head.get("weight"))
+    weight = head.get("out_proj.weight", head.get("weight"))  # (C, H)
     if weight is None:
         raise InvalidAdapterError("adapter has no classification head (task_type must be SEQ_CLS)", code="bad_head")
+    if weight.ndim != 2:
+        raise InvalidAdapterError(f"classifier weight must be 2-D, got {tuple(weight.shape)}", code="shape_mismatch")
+    if weight.shape[0] > DEFAULT_LIMITS.max_labels:  # before making that many names
+        raise InvalidAdapterError(
+            f"the head has {weight.shape[0]} outputs; at most {DEFAULT_LIMITS.max_labels} labels", code="bad_labels"
+        )
     return [f"LABEL_{i}" for i in range(weight.shape[0])]
 
 
 def pack_parts(
     config_json: bytes, model_bytes: bytes, *, labels: list[str] | None = None, fingerprint: str | None = None
 ) -> bytes:
-    """Pack the two files PEFT writes (as bytes, e.g. from an HTTP upload) into one adapter."""
+    """Pack the two files PEFT writes (as bytes, e.g. from an HTTP upload) into one adapter.
+
+    Every malformed part is an ``InvalidAdapterError`` with a code (``bad_config``, ``duplicate_key``,
+    ``bad_labels``, ``not_safetensors``, ...), as for a packed file (see :mod:`.format`).
+    """
     if len(model_bytes) > DEFAULT_LIMITS.max_bytes:
         raise InvalidAdapterError("adapter_model is larger than the size cap", code="adapter_too_large", status=413)
-    try:
-        config = json.loads(config_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapterError(f"adapter_config.json is not valid JSON: {exc}", code="bad_config") from None
+    config = strict_json(config_json, "adapter_config.json", "bad_config")
     if not isinstance(config, dict):
         raise InvalidAdapterError("adapter_config.json must be a JSON object", code="bad_config")
+    if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
+        raise InvalidAdapterError("labels must be a list of strings", code="bad_labels")
+    read_header(model_bytes)  # framing, JSON, repeated tensor names, dtypes: the same codes as a packed file
     try:
         tensors = st_load(model_bytes)
     except Exception as exc:
         raise InvalidAdapterError(
-            f"adapter_model is not a readable safetensors file: {exc}", code="bad_tensors"
+            f"adapter_model is not a readable safetensors file: {str(exc)[:200]}", code="bad_tensors"
         ) from None
     if not fingerprint:
         raise BadRequestError("a backbone fingerprint is required to pack (pass --backbone)")
-    return dump_packed(config, tensors, labels or default_labels(tensors), fingerprint)
+    return dump_packed(config, tensors, list(labels) if labels else default_labels(tensors), fingerprint)
+
+
+def _read_sidecar(folder: Path) -> dict:
+    """Our ``prefixserve.json`` beside a PEFT folder (``{}`` when absent), checked."""
+    path = folder / SIDECAR
+    if not path.is_file():
+        return {}
+    side = strict_json(path.read_bytes(), SIDECAR, "bad_sidecar")
+    if not isinstance(side, dict):
+        raise InvalidAdapterError(f"{SIDECAR} must be a JSON object", code="bad_sidecar")
+    if not isinstance(side.get("backbone", ""), str):
+        raise InvalidAdapterError(f"{SIDECAR} 'backbone' must be a fingerprint string", code="bad_sidecar")
+    if side.get("labels") is not None and not isinstance(side["labels"], list):
+        raise InvalidAdapterError(f"{SIDECAR} 'labels' must be a list of strings", code="bad_labels")
+    return side
 
 
 def pack_folder(
@@ -72,7 +100,7 @@ def pack_folder(
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise InvalidAdapterError(f"{folder} has no {name}", code="not_a_peft_folder")
-    side = json.loads((folder / SIDECAR).read_text()) if (folder / SIDECAR).is_file() else {}
+    side = _read_sidecar(folder)
     return pack_parts(
         (folder / "adapter_config.json").read_bytes(),
         (folder / "adapter_model.safetensors").read_bytes(),

@@ -100,10 +100,13 @@ def make_backbone(
     vocab_size: int = 512,
     type_vocab_size: int | None = None,
     seed: int = 0,
+    pooler: bool = True,
 ) -> Path:
     """Write a random ``arch`` (bert|roberta) encoder with an MLM head (and BERT's pooler) to ``out_dir``.
 
     ``hidden=768, layers=12, heads=12, max_positions=514, vocab_size=32000`` gives klue/roberta-base's shape.
+    ``pooler=False`` (BERT) leaves the pooler tensors out of the checkpoint, as multilingual-e5 and many
+    sentence-transformers exports do; every other tensor is the same as with ``pooler=True`` for a seed.
     """
     import torch
     from transformers import BertConfig, BertForPreTraining, RobertaConfig, RobertaForMaskedLM
@@ -134,8 +137,10 @@ def make_backbone(
         model = RobertaForMaskedLM(roberta_config)
     else:
         raise ValueError(f"arch must be 'bert' or 'roberta', got {arch!r}")
-    # Random init is tiny; scale embeddings up a little so prefixes visibly move the logits.
-    model.save_pretrained(out)
+    if not pooler and arch == "bert":
+        model.save_pretrained(out, state_dict={k: v for k, v in model.state_dict().items() if ".pooler." not in k})
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -149,17 +154,19 @@ def random_adapter(
     labels=("negative", "positive"),
     seed: int = 0,
     base_model: str = "",
+    own_pooler: bool = False,
 ) -> bytes:
     """A valid packed adapter with seeded random virtual tokens and head, for ``config``'s backbone.
 
     ``config`` is the backbone's HF config (hidden size, layers, heads, model type). UNTRAINED: for
-    benchmarks, tests and the quickstart demo, never for real predictions.
+    benchmarks, tests and the quickstart demo, never for real predictions. ``own_pooler=True`` gives a
+    BERT head its own pooler: needed on a backbone without one (``not backbone.has_pooler``).
     """
     import torch
 
     from .backbone import ROBERTA_LIKE
     from .format import VIRTUAL_KEY, dump_packed
-    from .heads import PEFT_HEAD_PREFIX
+    from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX
     from .prefix import PrefixConfig
     from .prompt import PromptConfig
 
@@ -184,5 +191,8 @@ def random_adapter(
         }
     else:  # BERT: linear (C, H) over the backbone's shared pooler
         head = {"weight": torch.randn(c, hidden, generator=g) * 0.02, "bias": torch.zeros(c)}
+        if own_pooler:  # its own pooler, drawn after everything else: the rest stays as without it
+            pool = {"weight": torch.randn(hidden, hidden, generator=g) * 0.02, "bias": torch.zeros(hidden)}
+            tensors.update({PEFT_POOLER_PREFIX + k: v for k, v in pool.items()})
     tensors.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})
     return dump_packed(cfg.to_peft_dict(base_model), tensors, list(labels), fingerprint)

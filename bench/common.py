@@ -30,6 +30,7 @@ DEFAULT_OUT = ROOT / "bench" / "results"
 # Backbone shapes the benches build with prefixserve.adapters.synthetic.make_backbone.
 SHAPES = {
     "klue": dict(hidden=768, layers=12, heads=12, max_positions=514, vocab_size=32000),  # klue/roberta-base
+    "small": dict(hidden=384, layers=6, heads=6, max_positions=514, vocab_size=8000),  # MiniLM-L6-sized
     "tiny": dict(hidden=32, layers=2, heads=4, max_positions=514, vocab_size=512),  # smoke tests only
 }
 # English words the synthetic WordPiece vocabulary holds whole (one token each).
@@ -133,7 +134,17 @@ def synthetic_backbone_dir(shape: str, cache_dir: str | Path) -> Path:
     folder = Path(cache_dir) / f"roberta-{shape}-seed0"
     done = folder / ".complete"
     if not done.exists():
-        make_backbone(folder, "roberta", seed=0, **SHAPES[shape])
+        dims = SHAPES[shape]
+        make_backbone(
+            folder,
+            "roberta",
+            seed=0,
+            hidden=dims["hidden"],
+            layers=dims["layers"],
+            heads=dims["heads"],
+            max_positions=dims["max_positions"],
+            vocab_size=dims["vocab_size"],
+        )
         done.write_text("ok")
     return folder
 

@@ -12,14 +12,18 @@
         args: {backbone: klue/roberta-base, store: "redis://redis:6379/0", max_batch_size: 32,
                autoscaling: {min_replicas: 1, max_replicas: 4}}
 
-``run_local`` is what ``prefixserve serve`` and the quickstart use: Ray on loopback, Serve HTTP on
-``host:port``, then ``serve.run``.
+``run_local`` is what ``prefixserve serve`` and the quickstart use: refuse a taken ``host:port``, Ray on
+loopback, Serve HTTP on ``host:port``, then ``serve.run``.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .schemas import AppSettings
@@ -28,6 +32,12 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
 APP_NAME = "prefixserve"
+LOOPBACK = "127.0.0.1"
+# what a Ray worker of a local cluster runs first (ray.init(runtime_env={"worker_process_setup_hook": ...}))
+LOOPBACK_WORKER_HOOK = f"{__name__}.bind_worker_servers_to_loopback"
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+log = logging.getLogger(__name__)
 
 
 def worker_options(s: AppSettings) -> dict[str, Any]:
@@ -65,7 +75,7 @@ def build_app(args: dict[str, Any] | AppSettings | None = None) -> Application:
     return ingress.bind(worker, s)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -76,9 +86,9 @@ def pin_ray_to_loopback() -> None:
 
     Ray 2.60 rewrites ``_node_ip_address="127.0.0.1"`` to the machine's routable address
     (``services.resolve_ip_for_localhost``) and its GCS/raylet then listen on every interface.
-    Its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node IP and every
-    listener on loopback. The env var reaches Ray's child processes; the constant covers a driver
-    that imported Ray already.
+    Its single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) keeps the node IP and Ray's
+    own listeners on loopback (Serve replicas' gRPC servers: :func:`bind_worker_servers_to_loopback`).
+    The env var reaches Ray's child processes; the constant covers a driver that imported Ray already.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
@@ -89,8 +99,82 @@ def pin_ray_to_loopback() -> None:
         pass
 
 
+def loopback_bind_address(address: str) -> str:
+    """A gRPC bind address on every interface (``[::]:0``, ``0.0.0.0:P``) -> the same port on 127.0.0.1."""
+    host, sep, port = address.rpartition(":")
+    return f"{LOOPBACK}:{port}" if sep and host in _WILDCARD_HOSTS else address
+
+
+def bind_worker_servers_to_loopback() -> None:
+    """Ray worker setup hook of a local cluster: gRPC servers that Ray starts in a worker bind 127.0.0.1.
+
+    Single-machine mode keeps GCS, raylet, agents and every core worker on 127.0.0.1, but a Serve
+    replica's inter-deployment gRPC server binds ``[::]:0`` (hard-coded in
+    ``ray.serve._private.replica``, no option), i.e. every interface. Its peers reach it at the node IP,
+    127.0.0.1 here, so loopback loses nothing. Ray adds that port through its one helper
+    ``ray._common.tls_utils.add_port_to_grpc_server`` (the TLS switch); this wraps it, and runs before a
+    worker imports the replica module, which binds the name at import. Private Ray API:
+    ``tests/e2e/test_local_mode.py`` lists every Ray listener, so a Ray that moves it fails there.
+    """
+    try:
+        from ray._common import tls_utils
+    except ImportError:  # moved: say so (the e2e listener test fails too) rather than kill every worker
+        log.warning("prefixserve: cannot pin Ray Serve's replica gRPC server to loopback (ray._common.tls_utils)")
+        return
+    add_port: Callable[[Any, str], int] = tls_utils.add_port_to_grpc_server
+    if getattr(add_port, "binds_loopback", False):
+        return
+
+    def add_port_on_loopback(server: Any, address: str) -> int:
+        return add_port(server, loopback_bind_address(address))
+
+    add_port_on_loopback.binds_loopback = True  # type: ignore[attr-defined]
+    tls_utils.add_port_to_grpc_server = add_port_on_loopback
+    replica = sys.modules.get("ray.serve._private.replica")
+    if replica is not None and hasattr(replica, "add_port_to_grpc_server"):  # imported before the hook ran
+        vars(replica)["add_port_to_grpc_server"] = add_port_on_loopback
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise ``port_in_use`` (409) when something already listens on ``host:port``.
+
+    Serve's HTTP proxy binds with SO_REUSEPORT, so a second server on a taken port would start and the
+    kernel would split the connections between the two. This bind has no SO_REUSEPORT, so any listener
+    on the port (or on a wildcard address that covers it) makes it fail; SO_REUSEADDR only lets a
+    TIME_WAIT left by a previous run through. Called before Ray starts, so a refusal starts nothing.
+    A process that binds between this check and Serve's proxy is not caught (to share the port it must
+    use SO_REUSEPORT as the same user too). Other bind errors (no IPv6, an address not on this host)
+    are left to Serve to report, as before.
+    """
+    from prefixserve.adapters.errors import PrefixServeError
+
+    try:
+        candidates = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return
+    for family, kind, proto, _, addr in candidates:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+                sock.listen(1)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PrefixServeError(
+                        f"port {port} on {host} is already in use (another server listens there); "
+                        "stop it or choose another --port",
+                        code="port_in_use",
+                        status=409,
+                    ) from None
+
+
 def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to_driver: bool | None = None) -> None:
-    """Ray on loopback (local default), or connect to ``address``; idempotent."""
+    """Ray on loopback (local default), or connect to ``address``; idempotent.
+
+    Local: single-machine mode (:func:`pin_ray_to_loopback`) puts the node and Ray's own listeners on
+    127.0.0.1, and the worker setup hook (:func:`bind_worker_servers_to_loopback`) the replicas' gRPC
+    servers. ``address``: a cluster's listeners must reach other nodes; nothing is pinned.
+    """
     import ray
 
     if ray.is_initialized():
@@ -103,7 +187,15 @@ def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to
         pin_ray_to_loopback()
         if log_to_driver is None:
             log_to_driver = os.environ.get("PREFIXSERVE_RAY_LOGS", "1") != "0"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus, log_to_driver=log_to_driver)
+        ray.init(
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            log_to_driver=log_to_driver,
+            # every worker (Serve controller, proxy, replicas) pins its own gRPC servers; serve.run passes
+            # the job's runtime_env on to the replicas
+            runtime_env={"worker_process_setup_hook": LOOPBACK_WORKER_HOOK},
+        )
 
 
 def run_local(
@@ -115,9 +207,15 @@ def run_local(
     address: str | None = None,
     blocking: bool = False,
 ) -> str:
-    """Start Ray + Serve HTTP on ``host:port`` and deploy; returns the base URL."""
+    """Start Ray + Serve HTTP on ``host:port`` and deploy; returns the base URL.
+
+    Local mode first checks that ``host:port`` is free (:func:`ensure_port_free`); on a cluster
+    (``address``) the proxies listen on the cluster's nodes, not here.
+    """
     from ray import serve
 
+    if address is None:
+        ensure_port_free(host, port)
     start_ray(num_cpus, address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=blocking)

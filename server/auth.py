@@ -8,7 +8,11 @@ Decisions:
   var from a Secret.
 * The admin key is kept only as a sha256 digest and compared with ``hmac.compare_digest``.
 * Tenant keys go to ``store.authenticate`` (salted, peppered HMAC; constant time there).
-* A missing or malformed header and a wrong key get the same 401: no hint which part was wrong.
+* A missing or malformed header and a wrong key get the same 401: no hint which part was wrong. A valid
+  key on a route of another role (a tenant key on an admin route) gets 403.
+* ``/metrics`` wants the admin key or the metrics token (env ``PREFIXSERVE_METRICS_TOKEN``): its series
+  are labelled by tenant name, which no tenant may read.
+* Every request is authenticated from its headers (:mod:`.middleware`) before any byte of its body is read.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ import hashlib
 import hmac
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from prefixserve.adapters.errors import AuthError
+from prefixserve.adapters.store import AdapterStore
 
 ADMIN_KEY_ENV = "PREFIXSERVE_ADMIN_KEY"
+METRICS_TOKEN_ENV = "PREFIXSERVE_METRICS_TOKEN"
 DEFAULT_ADMIN_KEY_FILE = Path.home() / ".prefixserve" / "admin_key"
 ADMIN_PREFIX = "psa_"
 
@@ -60,24 +68,33 @@ def bearer(authorization: str | None) -> str:
     return token.strip()
 
 
-class Authenticator:
-    """Resolves a bearer token to ``"admin"`` or a tenant name (``store.authenticate``)."""
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: the admin, a tenant (``name``), or the metrics scraper."""
 
-    def __init__(self, store, admin_key: str):
+    role: Literal["admin", "tenant", "metrics"]
+    name: str
+
+
+class Authenticator:
+    """Resolves a bearer token to a :class:`Principal` (admin key, metrics token, or ``store.authenticate``)."""
+
+    def __init__(self, store: AdapterStore, admin_key: str, metrics_token: str | None = None):
         self.store = store
         self._admin = _digest(admin_key)
+        self._metrics = _digest(metrics_token) if metrics_token else None
 
     def is_admin(self, token: str) -> bool:
         return hmac.compare_digest(_digest(token), self._admin)
 
-    def admin(self, authorization: str | None) -> None:
-        if not self.is_admin(bearer(authorization)):
-            raise AuthError("this endpoint needs the admin key")
-
-    def tenant(self, authorization: str | None) -> str:
-        """Blocking (one store lookup): call from a worker thread in async code."""
+    def principal(self, authorization: str | None) -> Principal:
+        """Blocking (at most one store lookup): call from a worker thread in async code. 401 if unknown."""
         token = bearer(authorization)
-        tenant = None if self.is_admin(token) else self.store.authenticate(token)
+        if self.is_admin(token):
+            return Principal("admin", "admin")
+        if self._metrics is not None and hmac.compare_digest(_digest(token), self._metrics):
+            return Principal("metrics", "metrics")
+        tenant = self.store.authenticate(token)
         if not tenant:
             raise AuthError("invalid API key")
-        return tenant
+        return Principal("tenant", tenant)

@@ -58,12 +58,17 @@ def serve_until_interrupted(
     num_cpus: int | None = None,
     banner: Callable[[str], None] | None = None,
 ) -> int:
-    """Deploy, print where things are, block until Ctrl-C, then shut Serve and Ray down."""
+    """Deploy, print where things are, block until Ctrl-C, then shut Serve and Ray down.
+
+    A taken ``host:port`` (local mode) is refused first, before the admin key file is made or Ray starts.
+    """
     import time
 
-    from .app import run_local
+    from .app import ensure_port_free, run_local
     from .auth import ADMIN_KEY_ENV, resolve_admin_key
 
+    if address is None:  # run_local checks again; this one keeps a refused serve free of side effects
+        ensure_port_free(host, port)
     _, key_path = resolve_admin_key(settings.admin_key_file)  # same file the Ingress replicas read
     if key_path is not None and settings.admin_key_file is None:
         settings = settings.model_copy(update={"admin_key_file": str(key_path)})

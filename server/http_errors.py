@@ -22,9 +22,14 @@ log = logging.getLogger("prefixserve.ingress")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
+def retry_after(seconds: float) -> str:
+    """``Retry-After`` in whole seconds, never 0 (a client would retry at once)."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_response(request: Request, exc: PrefixServeError) -> JSONResponse:
     request.state.error_code = exc.code  # read by the metrics middleware
-    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after is not None else None
+    headers = {"Retry-After": retry_after(exc.retry_after)} if exc.retry_after is not None else None
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 

@@ -18,25 +18,39 @@ Decisions:
 # annotation objects, else `request: Request` is read as a query parameter)
 
 import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from prefixserve.adapters.errors import NotFoundError, PrefixServeError, StoreUnavailableError
+from prefixserve.adapters.errors import (
+    ForbiddenError,
+    NotFoundError,
+    PrefixServeError,
+    RateLimitedError,
+    StoreUnavailableError,
+)
 from prefixserve.adapters.format import AdapterMeta
+from prefixserve.adapters.ratelimit import RateLimits, open_rate_limiter
 from prefixserve.adapters.ref import AdapterRef
 
 from . import http_errors, state
-from .auth import Authenticator, resolve_admin_key
-from .middleware import BodyLimit
+from .auth import METRICS_TOKEN_ENV, Authenticator, Principal, resolve_admin_key
+from .inputs import check_texts
+from .middleware import Gate
 from .protocol import ClassifyCall, ClassifyReply, WorkerInfo
 from .schemas import (
     AppSettings,
     ClassifyRequest,
     ClassifyResponse,
     ErrorResponse,
+    LimitsIn,
+    LimitsOut,
     PredictionOut,
     PrefixList,
     PrefixMeta,
@@ -47,6 +61,7 @@ from .schemas import (
 from .uploads import OPENAPI_BODY, read_upload
 
 REPLICA_HEADER = "x-prefixserve-replica"
+LIMITS_TTL_S = 2.0  # how long an Ingress replica uses a tenant's limits before re-reading them
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
 
 app = FastAPI(
@@ -58,7 +73,7 @@ app = FastAPI(
     "adapters batched into one forward pass.",
 )
 http_errors.install(app)
-app.add_middleware(BodyLimit)
+app.add_middleware(Gate)
 
 
 # ---- the deployment (helpers it calls must be importable: Serve pickles it at decoration) ----------
@@ -73,20 +88,58 @@ class Ingress:
         self.worker = worker  # DeploymentHandle to "Worker"
         self.store = open_store(settings.store, validator=self._validate_upload)
         admin_key, _ = resolve_admin_key(settings.admin_key_file)
-        self.auth = Authenticator(self.store, admin_key)
+        self.auth = Authenticator(self.store, admin_key, os.environ.get(METRICS_TOKEN_ENV, "").strip() or None)
+        state.auth = self.auth  # the Gate middleware authenticates every request before its body is read
         self._info: WorkerInfo | None = None
         self._info_lock = asyncio.Lock()
+        self._uploads: dict[str, int] = {}  # uploads in flight per tenant (this replica)
+        self.limiter = open_rate_limiter(settings.store)  # Redis store: one budget shared by every replica
+        self._limits: dict[str, tuple[float, RateLimits]] = {}  # tenant -> (read at, limits), LIMITS_TTL_S
         state.metrics()
 
     # ---- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def _principal(request: Request, *roles: str) -> Principal:
+        """The caller the Gate authenticated; 403 when its key is for another role."""
+        principal: Principal = request.state.principal
+        if principal.role not in roles:
+            raise ForbiddenError(f"this route needs {' or '.join(roles)} credentials, not a {principal.role} key")
+        return principal
+
     async def _tenant(self, request: Request) -> str:
-        tenant = await asyncio.to_thread(self.auth.tenant, request.headers.get("authorization"))
-        request.state.tenant = tenant
-        return tenant
+        return self._principal(request, "tenant").name
 
     def _admin(self, request: Request) -> None:
-        self.auth.admin(request.headers.get("authorization"))
-        request.state.tenant = "admin"
+        self._principal(request, "admin")
+
+    async def _tenant_limits(self, tenant: str) -> RateLimits:
+        """The tenant's own limits or the server's default; re-read from the store every LIMITS_TTL_S."""
+        now = time.monotonic()
+        cached = self._limits.get(tenant)
+        if cached is None or now - cached[0] > LIMITS_TTL_S:
+            info = await asyncio.to_thread(self.store.tenant_info, tenant)
+            cached = (now, info.limits or self.settings.default_limits)
+            self._limits[tenant] = cached
+        return cached[1]
+
+    def _admit(self, tenant: str, limits: RateLimits, rows: int) -> str | None:
+        """Blocking: take the request's tokens (429 when over the rate), then a concurrency slot."""
+        self.limiter.acquire(tenant, limits, rows=rows)
+        return self.limiter.enter(tenant, limits)
+
+    @contextlib.contextmanager
+    def _upload_slot(self, tenant: str) -> Iterator[None]:
+        """At most ``max_uploads_per_tenant`` uploads of one tenant in flight here (each holds up to the cap)."""
+        s = self.settings
+        if self._uploads.get(tenant, 0) >= s.max_uploads_per_tenant or sum(self._uploads.values()) >= s.max_uploads:
+            raise RateLimitedError("too many uploads in flight; retry shortly", code="too_many_uploads", retry_after=1)
+        self._uploads[tenant] = self._uploads.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self._uploads[tenant] -= 1
+            if not self._uploads[tenant]:
+                del self._uploads[tenant]
 
     async def worker_info(self) -> WorkerInfo:
         """The served backbone's name, fingerprint and spec: asked once, then cached (it cannot change)."""
@@ -115,14 +168,20 @@ class Ingress:
         try:
             await asyncio.wait_for(self.worker.ready.remote(), timeout=5.0)
             info = await asyncio.wait_for(self.worker_info(), timeout=5.0)
-            await asyncio.to_thread(self.store.ping)
         except Exception as exc:
-            error = PrefixServeError(f"backbone or store not ready: {type(exc).__name__}", code="not_ready", status=503)
+            error = StoreUnavailableError(f"backbone not ready: {type(exc).__name__}", code="not_ready", retry_after=5)
+            return http_errors.error_response(request, error)
+        try:  # a store that reads but cannot write (read-only, full) is not ready: uploads would fail
+            await asyncio.wait_for(asyncio.to_thread(self.store.check_writable), timeout=5.0)
+        except Exception as exc:
+            error = StoreUnavailableError(f"store not writable: {type(exc).__name__}", retry_after=5)
             return http_errors.error_response(request, error)
         return {"ready": True, "backbone": info.backbone, "fingerprint": info.fingerprint}
 
     @app.get("/metrics", tags=["health"])
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus text format. Needs the admin key or the metrics token: series are labelled by tenant."""
+        self._principal(request, "admin", "metrics")
         body, content_type = state.metrics().render()
         return Response(body, media_type=content_type)
 
@@ -146,6 +205,22 @@ class Ingress:
         api_key = await asyncio.to_thread(self.store.rotate_key, tenant)
         return TenantCreated(tenant=tenant, api_key=api_key)
 
+    @app.get("/v1/tenants/{tenant}/limits", response_model=LimitsOut, tags=["tenants"])
+    async def get_limits(self, tenant: str, request: Request) -> LimitsOut:
+        """The tenant's rate limits and whether they are the server's default."""
+        self._admin(request)
+        info = await asyncio.to_thread(self.store.tenant_info, tenant)
+        return LimitsOut.of(info.limits, self.settings.default_limits)
+
+    @app.put("/v1/tenants/{tenant}/limits", response_model=LimitsOut, tags=["tenants"])
+    async def set_limits(self, tenant: str, body: LimitsIn, request: Request) -> LimitsOut:
+        """Set the tenant's own rate limits (``{"default": true}`` goes back to the server's default)."""
+        self._admin(request)
+        limits = body.to_limits()
+        await asyncio.to_thread(self.store.set_limits, tenant, limits)
+        self._limits.pop(tenant, None)  # this replica at once; the others within LIMITS_TTL_S
+        return LimitsOut.of(limits, self.settings.default_limits)
+
     # ---- prefixes (tenant) -----------------------------------------------------------------------
     @app.put(
         "/v1/prefixes/{prefix_id}",
@@ -161,7 +236,8 @@ class Ingress:
         tenant = await self._tenant(request)
         check_id(prefix_id)
         info = await self.worker_info()
-        data = await read_upload(request, fingerprint=info.fingerprint, max_bytes=self.settings.max_upload_bytes)
+        with self._upload_slot(tenant):
+            data = await read_upload(request, fingerprint=info.fingerprint, max_bytes=self.settings.max_upload_bytes)
         try:
             await asyncio.to_thread(self.store.head, tenant, prefix_id)
             created = False
@@ -196,14 +272,18 @@ class Ingress:
             raise PrefixServeError(
                 f"{len(body.inputs)} inputs; at most {s.max_inputs} per request", code="too_many_inputs", status=422
             )
-        for text in body.inputs + [p for p in (body.text_pairs or []) if p]:
-            if len(text) > s.max_text_chars:
-                raise PrefixServeError(
-                    f"an input has {len(text)} characters; at most {s.max_text_chars}", code="text_too_long", status=422
-                )
+        check_texts(body.inputs, body.text_pairs, max_chars=s.max_text_chars)
+        limits = await self._tenant_limits(tenant)
+        slot = await asyncio.to_thread(self._admit, tenant, limits, len(body.inputs))
+        try:
+            return await self._classify(tenant, body, response)
+        finally:
+            await asyncio.to_thread(self.limiter.leave, tenant, slot)
+
+    async def _classify(self, tenant: str, body: ClassifyRequest, response: Response) -> ClassifyResponse:
         head = await asyncio.to_thread(self.store.head, tenant, body.prefix_id)
         call = ClassifyCall(
-            AdapterRef(tenant, body.prefix_id, head.version),
+            AdapterRef(tenant, body.prefix_id, head.version, head.sha256),
             tuple(body.inputs),
             tuple(body.text_pairs) if body.text_pairs is not None else None,
         )

@@ -1,25 +1,42 @@
-"""The Ingress's ASGI middleware: body caps and request metrics (pure ASGI: it sees the raw stream).
+"""The Ingress's ASGI gate: authenticate from the headers, cap bodies as they stream, record metrics.
 
-:class:`BodyLimit` answers 413 when ``Content-Length`` or the streamed body exceeds the cap (the
-upload cap for ``PUT /v1/prefixes/...``, the request cap for everything else), and records every
-request's route, tenant, status, latency and error code in the process's metrics.
+Order for every request (pure ASGI: nothing has read the body yet):
+
+1. Public paths (health, OpenAPI docs) pass. Every other request must carry a valid bearer key, resolved
+   to a :class:`~.auth.Principal` from its headers alone; a missing or bad key gets 401 before a single
+   byte of its body is read, so unauthenticated uploads cost the server nothing.
+2. ``Content-Length`` over the cap (the upload cap for ``PUT /v1/prefixes/...``, the request cap for
+   everything else) gets 413 at once; a streamed body is counted as it is read and stops at the cap
+   (413) without being buffered here.
+3. The route runs with ``request.state.principal`` set; the metrics record route, tenant, status,
+   latency and error code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from prefixserve.adapters.errors import PrefixServeError
+from prefixserve.adapters.errors import PrefixServeError, StoreUnavailableError, as_error
 
 from . import state
+from .http_errors import retry_after
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-class BodyLimit:
-    """413 when Content-Length or the streamed body exceeds the cap; records request metrics."""
+def body_cap(method: str, path: str) -> int:
+    s = state.settings
+    return s.max_upload_bytes if method == "PUT" and path.startswith("/v1/prefixes/") else s.max_request_bytes
+
+
+class Gate:
+    """Auth before body, streamed body caps, request metrics."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -29,9 +46,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         t0, status = time.perf_counter(), [500]
-        s = state.settings
-        upload = scope["method"] == "PUT" and scope["path"].startswith("/v1/prefixes/")
-        cap = s.max_upload_bytes if upload else s.max_request_bytes
+        rstate = scope.setdefault("state", {})
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -39,59 +54,61 @@ class BodyLimit:
             await send(message)
 
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            too_big = length is not None and length.isdigit() and int(length) > cap
-            if not too_big and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, too_big = await _read_capped(receive, cap)
-                receive = _replay(body, receive)
-            if too_big:
-                error = PrefixServeError(f"request body exceeds {cap} bytes", code="body_too_large", status=413)
-                scope.setdefault("state", {})["error_code"] = error.code
-                await _send_json(send_wrapper, error.status, error.to_dict())
+            try:
+                await self._admit(scope, rstate)
+            except Exception as exc:
+                error = as_error(exc)
+                rstate["error_code"] = error.code
+                await send_error(send_wrapper, error)
                 return
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, _capped(receive, body_cap(scope["method"], scope["path"])), send_wrapper)
         finally:
-            route = scope.get("route")
-            rstate = scope.get("state") or {}
+            principal = rstate.get("principal")
             state.metrics().observe(
-                getattr(route, "path", "unmatched"),
-                rstate.get("tenant", "-"),
+                getattr(scope.get("route"), "path", "unmatched"),
+                principal.name if principal is not None and principal.role == "tenant" else "-",
                 status[0],
                 time.perf_counter() - t0,
                 rstate.get("error_code"),
             )
 
+    @staticmethod
+    async def _admit(scope: Scope, rstate: dict[str, Any]) -> None:
+        """Raise the error that refuses this request (401, 413, 503), reading no body."""
+        path, root = scope["path"], scope.get("root_path", "")
+        if (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC_PATHS:
+            return
+        auth = state.auth
+        if auth is None:
+            raise StoreUnavailableError("the server is starting; retry", code="not_ready", retry_after=1)
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        rstate["principal"] = await asyncio.to_thread(auth.principal, authorization)
+        length = headers.get(b"content-length")
+        cap = body_cap(scope["method"], scope["path"])
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise PrefixServeError(f"request body exceeds {cap} bytes", code="body_too_large", status=413)
 
-async def _read_capped(receive: Receive, cap: int) -> tuple[bytes, bool]:
-    chunks, size = [], 0
-    while True:
+
+def _capped(receive: Receive, cap: int) -> Receive:
+    """``receive`` that counts body bytes and stops at ``cap`` (FastAPI passes HTTPException through)."""
+    seen = [0]
+
+    async def capped() -> Message:
         message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return b"", True
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks), False
+        if message["type"] == "http.request":
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > cap:
+                raise HTTPException(status_code=413, detail=f"request body exceeds {cap} bytes")
+        return message
+
+    return capped
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = [False]
-
-    async def replay() -> Message:
-        if not sent[0]:
-            sent[0] = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
+async def send_error(send: Send, error: PrefixServeError) -> None:
+    body = json.dumps(error.to_dict()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if error.retry_after is not None:
+        headers.append((b"retry-after", retry_after(error.retry_after).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

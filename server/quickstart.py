@@ -64,13 +64,15 @@ def demo_adapter(backbone_path: str, fingerprint: str, *, num_virtual_tokens: in
 
     from prefixserve.adapters.synthetic import random_adapter
 
+    config = AutoConfig.from_pretrained(backbone_path)
     return random_adapter(
-        AutoConfig.from_pretrained(backbone_path),
+        config,
         fingerprint,
         num_virtual_tokens=num_virtual_tokens,
         labels=("negative", "positive"),
         seed=seed,
         base_model="prefixserve-demo (UNTRAINED, random init)",
+        own_pooler=config.model_type == "bert",  # served on a BERT with or without checkpoint pooler weights
     )
 
 
@@ -142,12 +144,20 @@ API docs: {url}/docs    metrics: {url}/metrics    stop: Ctrl-C
 
 def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from prefixserve.adapters.errors import PrefixServeError
+
+    from .app import ensure_port_free
     from .auth import resolve_admin_key
     from .cli import serve_until_interrupted
     from .schemas import DEFAULTS, AppSettings
 
     name = os.environ.get("BACKBONE", DEFAULTS.backbone)
     host, port = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8000"))
+    try:
+        ensure_port_free(host, port)  # before fetching anything or writing keys
+    except PrefixServeError as exc:
+        print(json.dumps(exc.to_dict()), file=sys.stderr)
+        return 2
     HOME.mkdir(parents=True, exist_ok=True)
     path, notice = resolve_backbone(name)
     if notice:

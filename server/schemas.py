@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefixserve.adapters.cache import DEFAULT_BUDGET_BYTES
+from prefixserve.adapters.ratelimit import RateLimits
 from prefixserve.adapters.store import VersionInfo
 
 MiB = 2**20
@@ -48,6 +49,15 @@ class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
     max_batch_size: int = Field(32, ge=1, le=4096, description="rows per backbone forward")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill (s)")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="estimated tokens per backbone forward (bounds how long a newcomer waits)"
+    )
+    target_batch_ms: float = Field(
+        50.0, ge=0, le=10_000, description="aim for forwards of about this long (ms; 0: off): a newcomer's wait"
+    )
+    fair_batching: bool = Field(
+        True, description="share batches among tenants (deficit round-robin); False: arrival order (for ablations)"
+    )
 
 
 class AppSettings(BatchingConfig):
@@ -81,6 +91,12 @@ class AppSettings(BatchingConfig):
     max_text_chars: int = Field(20_000, ge=1)
     max_upload_bytes: int = Field(65 * MiB, gt=0, description="PUT body cap (packed adapter or multipart)")
     max_request_bytes: int = Field(2 * MiB, gt=0, description="body cap of every other request")
+    max_uploads_per_tenant: int = Field(2, ge=1, description="a tenant's uploads in flight per Ingress replica")
+    max_uploads: int = Field(8, ge=1, description="uploads in flight per Ingress replica, all tenants")
+    default_limits: RateLimits = Field(
+        RateLimits(requests_per_s=100.0, rows_per_s=2000.0, burst_s=2.0, max_concurrent=8),
+        description="per-tenant rate limits unless the tenant has its own (admin API / `prefixserve tenant limits`)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per Worker replica")
     admin_key_file: str | None = Field(
         None, description="admin key file (created 0600 if absent); ignored when PREFIXSERVE_ADMIN_KEY is set"
@@ -147,6 +163,34 @@ class ClassifyResponse(BaseModel):
     version: int
     predictions: list[PredictionOut]
     truncated: list[bool]
+
+
+class LimitsIn(BaseModel):
+    """A tenant's rate limits (0 = unlimited), or ``{"default": true}`` for the server's default."""
+
+    model_config = ConfigDict(extra="forbid")
+    default: bool = False
+    requests_per_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    rows_per_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    burst_s: float = Field(2.0, ge=0, allow_inf_nan=False)
+    max_concurrent: int = Field(0, ge=0)
+
+    def to_limits(self) -> RateLimits | None:
+        if self.default:
+            return None
+        return RateLimits(self.requests_per_s, self.rows_per_s, self.burst_s, self.max_concurrent)
+
+
+class LimitsOut(BaseModel):
+    default: bool
+    requests_per_s: float
+    rows_per_s: float
+    burst_s: float
+    max_concurrent: int
+
+    @classmethod
+    def of(cls, own: RateLimits | None, default: RateLimits) -> LimitsOut:
+        return cls(default=own is None, **(own or default).to_dict())
 
 
 class PrefixMeta(BaseModel):

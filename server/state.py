@@ -1,4 +1,4 @@
-"""Per-process Ingress state (settings, metrics registry) that the FastAPI middleware and the
+"""Per-process Ingress state (settings, authenticator, metrics registry) that the FastAPI middleware and the
 ``Ingress`` methods must share.
 
 Why a module of its own: Serve pickles the ingress class and the FastAPI app by value, so a dict
@@ -9,10 +9,12 @@ imported in the replica process.
 
 from __future__ import annotations
 
+from .auth import Authenticator
 from .metrics import IngressMetrics
 from .schemas import AppSettings
 
 settings: AppSettings = AppSettings()
+auth: Authenticator | None = None  # set by the Ingress once its store is open
 _metrics: IngressMetrics | None = None
 
 

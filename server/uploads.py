@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 
 from fastapi import Request
 
 from prefixserve.adapters.errors import BadRequestError, InvalidAdapterError
 
+SPOOL_MEMORY_BYTES = 2**20  # an upload's first MiB stays in memory, the rest goes to a temporary file
 PARTS = ("adapter_config", "adapter_model", "labels", "fingerprint")
 REQUIRED_PARTS = ("adapter_config", "adapter_model")
 OPENAPI_BODY = {
@@ -38,11 +40,20 @@ OPENAPI_BODY = {
 
 
 async def read_upload(request: Request, *, fingerprint: str, max_bytes: int) -> bytes:
-    """Packed adapter bytes from the request body (``fingerprint``: the served backbone's, for PEFT parts)."""
+    """Packed adapter bytes from the request body (``fingerprint``: the served backbone's, for PEFT parts).
+
+    The body streams into a spool (memory up to :data:`SPOOL_MEMORY_BYTES`, then a temporary file), and is
+    read back once for validation: one copy of the upload in memory at a time, never a list of chunks plus
+    their join. The Gate middleware has already authenticated the caller and caps the streamed size.
+    """
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         data = await _pack_multipart(request, fingerprint, max_bytes)
     else:
-        data = await request.body()
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES) as spool:
+            async for chunk in request.stream():
+                spool.write(chunk)
+            spool.seek(0)
+            data = spool.read()
     if not data:
         raise BadRequestError(
             "empty body: send a packed adapter or multipart adapter_config + adapter_model", code="empty_body"
@@ -71,7 +82,10 @@ async def _pack_multipart(request: Request, fingerprint: str, max_bytes: int) ->
             code="bad_multipart",
         )
     labels = parse_labels(parts.get("labels"))
-    fp = parts.get("fingerprint", b"").decode().strip() or fingerprint
+    try:
+        fp = parts.get("fingerprint", b"").decode("utf-8").strip() or fingerprint
+    except UnicodeDecodeError:
+        raise InvalidAdapterError("fingerprint is not UTF-8 text", code="bad_fingerprint") from None
     return await asyncio.to_thread(
         pack_parts, parts["adapter_config"], parts["adapter_model"], labels=labels, fingerprint=fp
     )

@@ -5,8 +5,9 @@ Naming: *backbone* is the setting (a hub id or folder) and the loaded encoder
 
 Transport split (as LitServe): the Ingress decodes and validates; here a :class:`ClassifyCall` is
 resolved to a device adapter (a store fetch on a miss, off the event loop), *then* split into rows that
-enter ``@serve.batch`` one by one, so a batch mixes rows of many requests, tenants and adapters; one
-``Engine.predict`` runs them in ONE forward; results go back per row and are re-assembled per request.
+join the tenant's queue in a :class:`~.batching.FairBatcher`, so a batch mixes rows of many requests,
+tenants and adapters, shared fairly among tenants (deficit round-robin by tokens); one
+``Engine.predict`` runs them in ONE forward; results go back per row and are re-assembled per call.
 
 Decisions:
 * Calls carry an :class:`AdapterRef` in the payload, never ``serve_multiplexed_model_id`` (Serve
@@ -15,11 +16,13 @@ Decisions:
   depend on this replica: the device cache is keyed by the immutable ref and a new version is a
   miss. The store's change feed only evicts superseded versions early (memory, not correctness).
 * Validation happens before batching: a missing adapter or bad file fails its own call before any
-  row is queued. If a forward still fails (should not happen), the batch is re-run row by row so
-  that only the bad row reports an error.
+  row is queued. If a forward still fails, the batch is bisected so that only the failing rows
+  report an error (and only as ``internal`` with an incident id: no exception text leaves the replica).
+* The fetched bytes must hash to the ref's sha256: a name deleted and re-created (its version
+  numbers start over) can never be answered with the old owner's adapter.
 * Nothing is raised through the handle: a :class:`ClassifyReply` carries errors as values.
-* ``max_batch_size`` and ``batch_wait_timeout_s`` come from ``user_config`` (``reconfigure``), so they
-  can be changed on a running deployment without restarting replicas.
+* ``max_batch_size``, ``max_batch_tokens`` and ``batch_wait_timeout_s`` come from ``user_config``
+  (``reconfigure``), so they can be changed on a running deployment without restarting replicas.
 * The model is loaded in ``__init__`` (inside the replica), never when the application is built.
 * No custom ``check_health`` on the store: a store outage must not make Serve restart (and reload)
   every Worker replica; the Ingress's ``/readyz`` reports the store instead.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -37,10 +41,11 @@ from typing import Any
 from ray import serve
 
 from prefixserve.adapters.engine import DeviceAdapter, Row
-from prefixserve.adapters.errors import as_error
+from prefixserve.adapters.errors import NotFoundError, as_error
 from prefixserve.adapters.ref import AdapterRef
 from prefixserve.adapters.store import AdapterReader, ChangeEvent
 
+from .batching import FairBatcher, estimate_tokens
 from .metrics import WorkerSnapshot, WorkerStats
 from .protocol import ClassifyCall, ClassifyReply, RowResult, WorkerInfo
 from .schemas import DEFAULTS, AppSettings, BatchingConfig
@@ -77,10 +82,17 @@ class Worker:
         self.stats = WorkerStats(self.replica)
         self.store: AdapterReader = open_store(settings.store)  # the read side only: head / get / subscribe
         self._inflight: dict[AdapterRef, asyncio.Future[DeviceAdapter]] = {}
-        self._loaded: dict[tuple[str, str], set[int]] = {}  # versions put on the device, per prefix
+        self._loaded: dict[tuple[str, str], set[AdapterRef]] = {}  # refs put on the device, per prefix
         self._loaded_lock = threading.Lock()
-        self._idle = asyncio.Event()  # set while no forward runs (see _infer)
-        self._idle.set()
+        self.max_row_tokens = self.engine.max_length
+        self.fair = settings.fair_batching
+        self.batcher: FairBatcher[Row, RowResult] = FairBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            wait_timeout_s=settings.batch_wait_timeout_s,
+            target_batch_s=settings.target_batch_ms / 1000.0,
+        )
         self._subscription = self.store.subscribe(self._on_change)  # last: the callback uses the above
         log.info(
             "backbone %s (%s) loaded on %s/%s in %.1fs",
@@ -92,14 +104,13 @@ class Worker:
         )
 
     # ---- control ----------------------------------------------------------------------------------
-    @property
-    def _batcher(self) -> Any:  # @serve.batch's wrapper: its setters are not in the type
-        return self._infer
-
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = BatchingConfig(**(user_config or {}))
-        self._batcher.set_max_batch_size(cfg.max_batch_size)
-        self._batcher.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batcher.max_batch_size = cfg.max_batch_size
+        self.batcher.max_batch_tokens = cfg.max_batch_tokens
+        self.batcher.wait_timeout_s = cfg.batch_wait_timeout_s
+        self.batcher.target_batch_s = cfg.target_batch_ms / 1000.0
+        self.fair = cfg.fair_batching
 
     def info(self) -> WorkerInfo:
         """What the Ingress needs to validate uploads against this backbone."""
@@ -109,8 +120,8 @@ class Worker:
             spec=self.backbone.spec,
             device=str(self.backbone.device),
             replica=self.replica,
-            max_batch_size=self._batcher._get_max_batch_size(),
-            batch_wait_timeout_s=self._batcher._get_batch_wait_timeout_s(),
+            max_batch_size=self.batcher.max_batch_size,
+            batch_wait_timeout_s=self.batcher.wait_timeout_s,
         )
 
     def ready(self) -> bool:
@@ -123,13 +134,13 @@ class Worker:
         """Change feed (store thread): drop superseded versions of that prefix from the device."""
         if event.resync:
             return  # versions are in the refs: nothing stale can be served, only memory is at stake
-        keep = {event.version} if event.version is not None else set()
         with self._loaded_lock:
             loaded = self._loaded.pop((event.tenant, event.prefix_id), set())
-            if loaded & keep:
-                self._loaded[(event.tenant, event.prefix_id)] = loaded & keep
-        for version in loaded - keep:
-            self.engine.cache.discard(AdapterRef(event.tenant, event.prefix_id, version))
+            keep = {ref for ref in loaded if ref.version == event.version}
+            if keep:
+                self._loaded[(event.tenant, event.prefix_id)] = keep
+        for ref in loaded - keep:
+            self.engine.cache.discard(ref)
 
     def __del__(self) -> None:
         try:
@@ -139,14 +150,21 @@ class Worker:
             pass
 
     # ---- adapters ---------------------------------------------------------------------------------
+    def _fetch(self, ref: AdapterRef) -> bytes:
+        """The bytes ``ref`` names, or NotFoundError: a re-created name's version may hold other bytes."""
+        info, data = self.store.get(ref.tenant, ref.prefix_id, ref.version)
+        if info.sha256 != ref.sha256 or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise NotFoundError(f"version {ref.version} of adapter {ref.prefix_id!r} not found")
+        return data
+
     def _load(self, ref: AdapterRef) -> DeviceAdapter:
         """Blocking: fetch the packed bytes and put them on the device (validated against this backbone)."""
         t0 = time.perf_counter()
         ok = False
         try:
-            adapter = self.engine.adapter(ref, lambda: self.store.get(ref.tenant, ref.prefix_id, ref.version)[1])
+            adapter = self.engine.adapter(ref, functools.partial(self._fetch, ref))
             with self._loaded_lock:
-                self._loaded.setdefault((ref.tenant, ref.prefix_id), set()).add(ref.version)
+                self._loaded.setdefault((ref.tenant, ref.prefix_id), set()).add(ref)
             ok = True
             return adapter
         finally:
@@ -168,41 +186,37 @@ class Worker:
 
     # ---- requests ---------------------------------------------------------------------------------
     async def classify(self, call: ClassifyCall) -> ClassifyReply:
-        """One prediction per input, or the error that stopped this call (other calls are unaffected)."""
+        """One result per input, or the error that stopped this call (other calls are unaffected)."""
         try:
             adapter = await self._adapter(call.ref)
         except Exception as exc:  # not found / invalid: fails this call only, before batching
             return ClassifyReply(call.ref, self.replica, error=as_error(exc, log), stats=self.stats_snapshot())
-        await self._idle.wait()  # join the NEXT batch together with everyone who arrived during this forward
         rows = [Row(adapter, text, pair) for text, pair in zip(call.inputs, call.pairs())]
-        results: list[RowResult] = await asyncio.gather(*(self._infer(row) for row in rows))
+        costs = [estimate_tokens(r.text, r.text_pair, max_row_tokens=self.max_row_tokens) for r in rows]
+        queue = call.ref.tenant if self.fair else ""  # one queue for all: arrival order (ablation only)
+        results = await self.batcher.submit(queue, rows, costs)  # a fair share of the next batches
         return ClassifyReply(call.ref, self.replica, tuple(results), stats=self.stats_snapshot())
 
-    @serve.batch(max_batch_size=DEFAULTS.max_batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_timeout_s)
-    async def _infer(self, rows: list[Row]) -> list[RowResult]:
-        # rows from any calls. The forward runs off the event loop, so fetches and new arrivals proceed
-        # meanwhile. Serve forms the next batch as soon as its wait expires, even while this forward runs
-        # (it then waits for the semaphore), so rows arriving mid-forward would go out in many tiny
-        # batches; instead they wait on ``_idle`` in classify() and are released together when this
-        # forward ends: one full batch.
-        self._idle.clear()
-        try:
-            return await asyncio.to_thread(self._forward, rows)
-        finally:
-            self._idle.set()
+    async def _run_batch(self, rows: list[Row]) -> list[RowResult]:
+        # Off the event loop, so fetches and new arrivals proceed meanwhile; the batcher runs one at a time.
+        return await asyncio.to_thread(self._forward, rows)
 
     def _forward(self, rows: list[Row]) -> list[RowResult]:
         t0 = time.perf_counter()
-        out: list[RowResult]
-        try:
-            out = list(self.engine.predict(rows))  # ONE forward for all rows: B = len(rows)
-        except Exception:
-            log.exception("batch of %d failed; retrying row by row", len(rows))
-            out = []
-            for row in rows:
-                try:
-                    out.append(self.engine.predict([row])[0])
-                except Exception as exc:
-                    out.append(as_error(exc, log))
+        out = self._predict_isolating(rows)
         self.stats.batch(len(rows), len({r.adapter.key for r in rows}), time.perf_counter() - t0)
         return out
+
+    def _predict_isolating(self, rows: list[Row]) -> list[RowResult]:
+        """ONE forward for all rows; if it fails, bisect so that only the failing rows get an error.
+
+        k bad rows among n cost O(k log n) forwards, not n (a re-run row by row let one poison row
+        multiply everyone's latency).
+        """
+        try:
+            return list(self.engine.predict(rows))  # B = len(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [as_error(exc, log)]
+        half = len(rows) // 2
+        return self._predict_isolating(rows[:half]) + self._predict_isolating(rows[half:])

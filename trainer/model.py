@@ -15,6 +15,11 @@ Decisions:
   than N(0, 1) noise. A prefix starts (``prefix_init="tokens"``, the trainer's default) from the keys/values
   the frozen encoder computes for random vocabulary tokens (Li & Liang 2021), or as PEFT's N(0, 1)
   (``"random"``; always with ``prefix_projection``), unless ``init`` (a pre-trained prefix) is given.
+* A BERT-style head on a backbone without a checkpoint pooler (``Backbone.has_pooler`` False: the loader
+  removed the random one) trains **its own pooler** with the classifier (``head_lr``; seeded like the rest of
+  the head, created after the classifier so heads on pooler-ful backbones start exactly as before) and
+  exports it as ``base_model.bert.pooler.dense.*`` (see :mod:`prefixserve.adapters.heads`). On a backbone
+  with a pooler, the backbone's frozen pooler is used, as PEFT does.
 * Tokenisation matches the engine: each text is truncated to ``min(max_length, room left by the adapter)``.
 """
 
@@ -118,7 +123,9 @@ class AdapterModel(nn.Module):
                 self.vconfig, self.virtual = prompt, PromptEncoder(prompt, init)
             elif kind is not None:
                 raise ValueError(f"kind must be 'prefix', 'prompt' or None, got {kind!r}")
-            self.head = ClassificationHead(self.hidden, num_labels, expected_head_style(encoder))
+            style = expected_head_style(encoder)
+            own_pooler = style == "bert" and getattr(encoder, "pooler", None) is None  # see module docstring
+            self.head = ClassificationHead(self.hidden, num_labels, style, own_pooler=own_pooler)
         self.dropout = nn.Dropout(head_dropout)
         encoder.requires_grad_(train_backbone)
         device = next(encoder.parameters()).device
@@ -171,7 +178,8 @@ class AdapterModel(nn.Module):
         return self.vconfig.to_peft_dict(base_model)
 
     def adapter_tensors(self) -> dict[str, Tensor]:
-        """PEFT's tensors: materialised ``prompt_embeddings`` and ``base_model.classifier.*`` (CPU, fp32)."""
+        """PEFT's tensors: ``prompt_embeddings`` (materialised), ``base_model.classifier.*`` and, when the head
+        has its own pooler, ``base_model.bert.pooler.dense.*`` (CPU, fp32)."""
         if self.virtual is None:
             raise ValueError("a head-only model has no adapter to export")
         tensors = {"prompt_embeddings": self.virtual.materialise(), **self.head.peft_state()}

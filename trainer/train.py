@@ -284,6 +284,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         "trainable_params_total": sum(trainable.values()),
         "backbone_params": backbone_params,
         "backbone_unchanged": None if cfg.train_backbone else True,
+        "backbone_has_pooler": backbone.has_pooler,
+        "head_has_pooler": model.head.pooler is not None,  # trained and exported with the head
     }
     if cfg.out and packed is not None:
         out = Path(cfg.out)

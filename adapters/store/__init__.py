@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BadRequestError
 from .base import (
     DEFAULT_KEEP_VERSIONS,
+    DEFAULT_RETAIN_GRACE_S,
     AdapterReader,
     AdapterStore,
     ChangeEvent,
@@ -50,6 +51,7 @@ __all__ = [
     "check_tenant",
     "ID_PATTERN",
     "DEFAULT_KEEP_VERSIONS",
+    "DEFAULT_RETAIN_GRACE_S",
     "ENV_URL",
     "StoreBase",
 ]
@@ -59,8 +61,10 @@ def open_store(url: str | None = None, *, validator: Validator | None = None, **
     """Open the store at ``url`` (default: env ``PREFIXSERVE_STORE``).
 
     ``validator(data) -> AdapterMeta`` runs before every put (default ``format.inspect_packed``; the
-    server passes one bound to its backbone). Options: ``keep_versions`` (3), ``pepper``; file:
-    ``poll_interval`` (0.2 s); redis: ``prefix``, ``password``, ``retries``, ``health_check_interval``.
+    server passes one bound to its backbone). Options: ``keep_versions`` (3), ``retain_grace_s`` (60:
+    how long a version dropped by retention stays fetchable by number), ``pepper``; file:
+    ``poll_interval`` (0.2 s); redis: ``prefix``, ``password``, ``retries``, ``health_check_interval``,
+    ``orphan_age_s`` (60: when an unpublished blob counts as left by a crashed put).
     """
     url = url or os.environ.get(ENV_URL)
     if not url:

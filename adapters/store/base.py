@@ -4,17 +4,30 @@
 Decisions shared by every backend:
 
 * Versions are immutable and numbered 1, 2, 3... per (tenant, prefix id); numbers keep increasing
-  after a delete, so a cache can never confuse an old adapter with a new one of the same name.
+  after a delete, and after a delete *of the tenant* too: a deleted tenant raises the store-wide
+  "version floor" to the highest number it used and a tenant (re)created later numbers from above
+  it. So (tenant name, prefix id, version) names one blob for all time, and a cache can never
+  confuse an old adapter with a new one of the same name. ``get`` also checks the blob's sha256
+  against the version record and answers ``NotFoundError`` when they differ, so the returned
+  ``VersionInfo.sha256`` always describes the returned bytes.
 * ``put`` validates first (the injected validator, default ``format.inspect_packed``), then writes
   the blob under its new version, then moves the "current" pointer atomically. A reader sees the
   old or the new version, never a mix; a rejected or failed put changes nothing.
 * A missing adapter and another tenant's adapter both raise ``NotFoundError`` (no existence leak).
 * Quotas count the *current* versions (what a tenant serves): ``max_adapters`` ids and
   ``max_bytes`` in total; 0 means unlimited. The last ``keep_versions`` (default 3) versions of each
-  id are kept for rollback/pull and the rest collected; they do not count towards the quota.
+  id are kept for rollback/pull; they do not count towards the quota.
+* A version dropped by retention stays fetchable with ``get(version=N)`` for ``retain_grace_s``
+  (default 60 s) more: the Ingress resolves a version with ``head`` and a serving replica fetches it
+  a moment later, and a burst of puts in between must not turn that fetch into a false 404. Such
+  versions are collected lazily by later puts of the same id (no background thread); ``versions``
+  lists only the kept ones. ``delete`` drops every version at once (the answer is 404 anyway).
+* A store that cannot be written (read-only or full disk, Redis OOM / READONLY / MISCONF) answers
+  ``StoreUnavailableError`` (503) with ``retry_after``, never a 500, and leaves nothing half-written:
+  the previous version keeps serving. ``check_writable`` probes this cheaply for ``/readyz``.
 * The change feed (``subscribe``) is a hint: Redis pub/sub can lose messages (a reconnect emits a
   ``resync`` event). Nothing relies on it for correctness: the Ingress ``head``s the store on every
-  request and the serving replicas key their device caches by ``tenant/prefix@version``, so a lost
+  request and the serving replicas key their device caches by (tenant, prefix, version, sha256), so a lost
   event can only keep a superseded version in memory a little longer, never serve it.
 * Two protocols, one per side. ``AdapterReader`` is what a serving (model) replica needs: fetch
   a named version, look up the current one, follow the change feed, close. ``AdapterStore`` extends
@@ -27,17 +40,28 @@ Decisions shared by every backend:
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import InvalidAdapterError, QuotaExceededError
+from ..errors import BadRequestError, InvalidAdapterError, QuotaExceededError, StoreUnavailableError
+
+if TYPE_CHECKING:  # ratelimit imports this package: a runtime import here would be circular
+    from ..ratelimit import RateLimits
 
 _log = logging.getLogger(__name__)
 DEFAULT_KEEP_VERSIONS = 3
+DEFAULT_RETAIN_GRACE_S = 60.0  # a superseded version stays fetchable this long (see the module docstring)
+RETRY_AFTER_S = 5.0  # the Retry-After a 503 from an unwritable or unreachable store carries
+
+
+def unavailable(message: str) -> StoreUnavailableError:
+    """The 503 for a store that cannot be written or reached right now (clients retry after a pause)."""
+    return StoreUnavailableError(message, retry_after=RETRY_AFTER_S)
 
 
 @dataclass(frozen=True)
@@ -96,20 +120,43 @@ class VersionInfo:
             float(d.get("created", 0.0)),
         )
 
+    def matches(self, data: bytes) -> bool:
+        """Whether ``data`` is the blob this record describes (size and sha256)."""
+        return len(data) == self.size and hashlib.sha256(data).hexdigest() == self.sha256
+
 
 @dataclass(frozen=True)
 class TenantInfo:
+    """A tenant's record. ``limits`` None: the server's default rate limits apply."""
+
     name: str
     quota: Quota
     adapters: int = 0
     bytes: int = 0
     key_ids: tuple[str, ...] = ()
     created: float = 0.0
+    limits: RateLimits | None = None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self)  # limits -> its field dict (or None)
         d["key_ids"] = list(self.key_ids)
         return d
+
+
+def check_limits(limits: object) -> RateLimits | None:
+    """``limits`` if it is a ``RateLimits`` or None (= the server's default), else ``BadRequestError``."""
+    from ..ratelimit import RateLimits
+
+    if limits is not None and not isinstance(limits, RateLimits):
+        raise BadRequestError(f"limits must be RateLimits or None, got {type(limits).__name__}", code="bad_limits")
+    return limits
+
+
+def limits_from_dict(data: dict | None) -> RateLimits | None:
+    """A stored limits record back as ``RateLimits`` (None / empty: the server's default)."""
+    from ..ratelimit import RateLimits
+
+    return RateLimits.from_dict(data) if data else None
 
 
 @dataclass(frozen=True)
@@ -184,11 +231,13 @@ class AdapterStore(AdapterReader, Protocol):
     def tenant_info(self, name: str) -> TenantInfo: ...
     def list_tenants(self) -> builtins.list[TenantInfo]: ...
     def set_quota(self, name: str, quota: Quota) -> None: ...
+    def set_limits(self, name: str, limits: RateLimits | None) -> None: ...
     def rotate_key(self, name: str, *, revoke_old: bool = True) -> str: ...
     def revoke_key(self, name: str, key_id: str | None = None) -> int: ...
     def delete_tenant(self, name: str) -> None: ...
     def authenticate(self, api_key: str) -> str | None: ...
     def ping(self) -> None: ...
+    def check_writable(self) -> None: ...
 
 
 class StoreBase:
@@ -196,11 +245,20 @@ class StoreBase:
 
     url = ""
 
-    def __init__(self, *, validator: Validator | None = None, keep_versions: int = DEFAULT_KEEP_VERSIONS):
+    def __init__(
+        self,
+        *,
+        validator: Validator | None = None,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
+        retain_grace_s: float = DEFAULT_RETAIN_GRACE_S,
+    ):
         if int(keep_versions) < 1:
             raise ValueError("keep_versions must be >= 1")
+        if not float(retain_grace_s) >= 0:
+            raise ValueError("retain_grace_s must be >= 0")
         self.validator = validator or default_validator
         self.keep_versions = int(keep_versions)
+        self.retain_grace_s = float(retain_grace_s)
         self._subs: list[Subscription] = []
         self._subs_lock = threading.Lock()
         self._closed = threading.Event()

@@ -2,203 +2,201 @@
 
 Layout under the root (every name passed ``check_id``; every path re-checked with ``safe_join``)::
 
-    tenants/<T>/tenant.json                    quota, key ids, created
+    tenants/<T>/tenant.json                    quota, rate limits, key ids, created, version base
     tenants/<T>/adapters/<I>/current.json      the pointer: VersionInfo of the current version
     tenants/<T>/adapters/<I>/seq               last version number (kept after a delete)
-    tenants/<T>/adapters/<I>/v/<n>.bin|.json   immutable blobs and their metadata
+    tenants/<T>/adapters/<I>/v/<n>.bin|.json   immutable blobs and their records
+    tenants/<T>/adapters/<I>/v/<n>.gone.<ms>   empty marker: retention dropped <n> at <ms> (unix)
     keys/<key id>.json                         salted + peppered key hash -> tenant
+    version_floor                              highest version a deleted tenant used
     locks/<T>.lock, locks/_global.lock         ``fcntl.flock`` (outside the tenant dir, so a
                                                deleted and recreated tenant shares its lock)
 
-Publish = blob (temp file, fsync, ``os.replace``) then the pointer the same way: a reader sees the
-old or the new ``current.json``, and blobs never change once named. Writers of one tenant
-serialise on its lock file, so the quota check and the publish are one atomic step. The change
-feed polls ``current.json`` inode/mtime every ``poll_interval`` seconds (no inotify).
+Publish = counter, blob, record (temp file, fsync, ``os.replace`` each), then the pointer the same
+way: a reader sees the old or the new ``current.json``, and blobs never change once named. Writers
+of one tenant serialise on its lock file, so the quota check and the publish are one atomic step.
+A put that fails part-way removes what it wrote; whatever it could not remove (a disk that just
+turned read-only) stays invisible -- ``get``/``versions`` never show a version above the current
+one -- and the next put of that id deletes it. Retention marks old versions ``gone`` (one listdir
+reads every marker) and the next puts delete them once ``retain_grace_s`` has passed. The change
+feed polls ``current.json`` inode/mtime every ``poll_interval`` seconds (no inotify). Tenants and
+keys: :mod:`.file_tenants`.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import fcntl
 import hashlib
-import json
+import logging
 import os
-import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-from ..errors import ConflictError, NotFoundError, PrefixServeError
-from .base import DEFAULT_KEEP_VERSIONS, ChangeEvent, Quota, StoreBase, TenantInfo, VersionInfo
-from .ids import check_id, check_tenant, check_version, safe_join
-from .keys import new_key, parse_api_key, resolve_pepper, verify
+from ..errors import NotFoundError
+from .base import ChangeEvent, Quota, VersionInfo
+from .file_base import info_of, read_json, remove_quietly, write_atomic, writes
+from .file_tenants import FileTenants
+from .ids import check_version
 
 _MISSING = "adapter {!r} not found"
-_R = TypeVar("_R")
+_log = logging.getLogger(__name__)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself must survive a crash
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-
-
-class FileStore(StoreBase):
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        *,
-        validator=None,
-        keep_versions: int = DEFAULT_KEEP_VERSIONS,
-        poll_interval: float = 0.2,
-        pepper: str | None = None,
-        url: str | None = None,
-    ):
-        super().__init__(validator=validator, keep_versions=keep_versions)
-        self.root = Path(os.path.realpath(os.path.expanduser(str(root))))
-        for sub in ("tenants", "keys", "locks", "trash"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.url = url or f"file://{self.root}"
-        self.poll_interval = float(poll_interval)
-        self._pepper = resolve_pepper(pepper)
+class FileStore(FileTenants):
+    def __init__(self, root: str | os.PathLike, **opts):
+        super().__init__(root, **opts)
         self._feed_thread: threading.Thread | None = None
 
-    # paths
-    def _tenant_dir(self, tenant: str) -> Path:
-        return safe_join(self.root, "tenants", check_tenant(tenant))
-
-    def _adapter_dir(self, tenant: str, prefix_id: str) -> Path:
-        return safe_join(self.root, "tenants", check_tenant(tenant), "adapters", check_id(prefix_id))
-
-    @contextlib.contextmanager
-    def _lock(self, name: str):
-        fd = os.open(safe_join(self.root, "locks", f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
-
-    def _tenant_record(self, tenant: str) -> dict:
-        rec = _read_json(self._tenant_dir(tenant) / "tenant.json")
-        if rec is None:
-            raise NotFoundError(f"tenant {tenant!r} not found")
-        return rec
-
-    def _usage(self, tenant: str) -> tuple[int, int]:
-        infos = self.list(tenant)
-        return len(infos), sum(i.size for i in infos)
-
     # adapters
+    @writes
     def put(self, tenant: str, prefix_id: str, data: bytes) -> VersionInfo:
         adir = self._adapter_dir(tenant, prefix_id)
         meta = self._validate(data)  # before anything is written
         data = bytes(data)
         digest = hashlib.sha256(data).hexdigest()
         with self._lock(tenant):
-            quota = Quota(**self._tenant_record(tenant)["quota"])
+            rec = self._tenant_record(tenant)
+            quota = Quota(**rec["quota"])
             count, used = self._usage(tenant)
-            old = _read_json(adir / "current.json")
+            old = read_json(adir / "current.json")
             old_size = int(old["size"]) if old else 0
             quota.check(tenant, count + (0 if old else 1), used - old_size + len(data))
             (adir / "v").mkdir(parents=True, exist_ok=True)
-            seq_file = adir / "seq"
-            version = (int(seq_file.read_text()) if seq_file.exists() else 0) + 1
+            versions = self._scan(adir)  # what v/ holds before this put (read once)
+            version = self._next_version(adir, int(rec.get("version_base", 0)), versions)
+            write_atomic(adir / "seq", str(version).encode())  # first: a number is never handed out twice
             info = VersionInfo(tenant, prefix_id, version, digest, len(data), meta, time.time())
-            _write_atomic(adir / "v" / f"{version}.bin", data)
-            _write_atomic(adir / "v" / f"{version}.json", info.to_json().encode())
-            _write_atomic(seq_file, str(version).encode())
-            _write_atomic(adir / "current.json", info.to_json().encode())  # the publish
-            self._collect(adir, version)
+            blob, record = adir / "v" / f"{version}.bin", adir / "v" / f"{version}.json"
+            try:
+                write_atomic(blob, data)
+                write_atomic(record, info.to_json().encode())
+                write_atomic(adir / "current.json", info.to_json().encode())  # the publish
+            except BaseException:
+                now = read_json(adir / "current.json")
+                if not (now and int(now["version"]) == version):  # published after all (a late fsync failed)
+                    remove_quietly(record, blob)  # record first: nothing lists a blob-less version
+                    raise
+            try:
+                self._collect(adir, int(old["version"]) if old else 0, versions)
+            except (OSError, ValueError) as exc:  # published: the next put collects again
+                _log.warning("file store: collecting old versions of %s/%s failed: %r", tenant, prefix_id, exc)
         return info
 
-    def _collect(self, adir: Path, current: int) -> None:
-        """Keep the newest ``keep_versions``; the current one is always the newest."""
-        for v in self._version_numbers(adir)[: -self.keep_versions]:
-            if v != current:
-                for ext in ("json", "bin"):  # metadata first: versions() never lists a blob-less version
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(adir / "v" / f"{v}.{ext}")
+    @staticmethod
+    def _next_version(adir: Path, base: int, versions: dict[int, float | None]) -> int:
+        """Above the counter, above any blob on disk, above the tenant's base (a deleted namesake's numbers)."""
+        try:
+            seq = int((adir / "seq").read_text())
+        except (FileNotFoundError, ValueError):
+            seq = 0
+        return max([seq, base, *versions]) + 1
+
+    def _collect(self, adir: Path, previous: int, versions: dict[int, float | None]) -> None:
+        """Under the tenant lock, after a put replaced ``previous`` (0: none); ``versions``: ``_scan``
+        from before the put (so without the new current version).
+
+        Versions between the two never became current (failed puts): deleted. Of the published
+        ones the newest ``keep_versions`` are kept; older ones get a ``gone`` marker and are deleted
+        once ``retain_grace_s`` has passed since.
+        """
+        now = time.time()
+        kept: list[int] = []
+        for v, gone in versions.items():
+            if v > previous or not previous:  # no previous: the id was new or deleted, nothing is published
+                self._remove_version(adir, v)
+            elif gone is None:
+                kept.append(v)
+            elif now - gone >= self.retain_grace_s:
+                self._remove_version(adir, v)
+        for v in sorted(kept)[: max(0, len(kept) + 1 - self.keep_versions)]:  # + 1: the current one
+            if self.retain_grace_s <= 0:
+                self._remove_version(adir, v)
+            else:  # not fsynced: a marker lost in a crash only re-marks the version on the next put
+                os.close(os.open(adir / "v" / f"{v}.gone.{int(now * 1000)}", os.O_WRONLY | os.O_CREAT, 0o600))
 
     @staticmethod
-    def _version_numbers(adir: Path) -> list[int]:
+    def _remove_version(adir: Path, v: int) -> None:
+        """The record first (versions() never lists a blob-less version), then the blob, then markers."""
+        markers = [p.name for p in (adir / "v").glob(f"{v}.gone.*")]
+        for name in [f"{v}.json", f"{v}.bin", *markers]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(adir / "v" / name)
+
+    @staticmethod
+    def _scan(adir: Path) -> dict[int, float | None]:
+        """Every version with a file in ``v/`` -> when retention dropped it (None: kept), from one listdir."""
         try:
             names = os.listdir(adir / "v")
         except FileNotFoundError:
-            return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+            return {}
+        out: dict[int, float | None] = {}
+        for name in names:
+            number, _, rest = name.partition(".")
+            if not number.isdigit():
+                continue  # temp files: ".<name>.<hex>.tmp"
+            v = int(number)
+            out.setdefault(v, None)
+            if rest.startswith("gone.") and rest[5:].isdigit():
+                out[v] = int(rest[5:]) / 1000
+        return out
 
     def head(self, tenant: str, prefix_id: str) -> VersionInfo:
-        rec = _read_json(self._adapter_dir(tenant, prefix_id) / "current.json")
+        rec = read_json(self._adapter_dir(tenant, prefix_id) / "current.json")
         if rec is None:
             raise NotFoundError(_MISSING.format(prefix_id))
-        return VersionInfo.from_json(json.dumps(rec))
+        return info_of(rec)
 
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
+        """The current version, or ``version`` if it is kept or within its grace window.
+
+        The returned ``VersionInfo`` describes the returned bytes: a blob whose sha256 does not match
+        its record is reported as ``NotFoundError`` (and logged), never served.
+        """
         adir = self._adapter_dir(tenant, prefix_id)
-        if version is not None:
-            version = check_version(version)
+        v = None if version is None else check_version(version)
+        missing = _MISSING.format(prefix_id) if v is None else f"version {v} of adapter {prefix_id!r} not found"
         for _ in range(8):  # the pointer may move on and its old blob be collected between two reads
-            if version is None:
-                info = self.head(tenant, prefix_id)
+            current = self.head(tenant, prefix_id)
+            if v is None:
+                info = current
             else:
-                if not (adir / "current.json").exists():
-                    raise NotFoundError(_MISSING.format(prefix_id))
-                rec = _read_json(adir / "v" / f"{version}.json")
+                rec = read_json(adir / "v" / f"{v}.json") if v <= current.version else None  # > current: unpublished
                 if rec is None:
-                    raise NotFoundError(f"version {version} of adapter {prefix_id!r} not found")
-                info = VersionInfo.from_json(json.dumps(rec))
+                    raise NotFoundError(missing)
+                info = info_of(rec)
             try:
                 data = (adir / "v" / f"{info.version}.bin").read_bytes()
             except FileNotFoundError:
-                if version is not None:
-                    raise NotFoundError(f"version {version} of adapter {prefix_id!r} not found") from None
+                if v is not None:
+                    raise NotFoundError(missing) from None
                 continue
-            if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
-                raise PrefixServeError(f"stored blob of {prefix_id!r} v{info.version} is corrupt", code="corrupt")
-            return info, data
-        raise NotFoundError(_MISSING.format(prefix_id))
+            if info.matches(data):
+                return info, data
+            _log.error("file store: blob of %s/%s v%d does not match its record", tenant, prefix_id, info.version)
+            if v is not None:
+                raise NotFoundError(missing)
+        raise NotFoundError(missing)
 
     def list(self, tenant: str) -> list[VersionInfo]:
         self._tenant_record(tenant)
-        root = self._tenant_dir(tenant) / "adapters"
-        out = []
-        for name in sorted(os.listdir(root)) if root.exists() else []:
-            rec = _read_json(root / name / "current.json")
-            if rec is not None:
-                out.append(VersionInfo.from_json(json.dumps(rec)))
-        return out
+        return self._current_infos(tenant)
 
     # builtins.list: in this class body ``list`` names the method above
     def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
+        """The kept versions (not those in their grace window, not unpublished leftovers)."""
         adir = self._adapter_dir(tenant, prefix_id)
-        self.head(tenant, prefix_id)
+        current = self.head(tenant, prefix_id)
         out = []
-        for v in self._version_numbers(adir):
-            rec = _read_json(adir / "v" / f"{v}.json")
+        for v, gone in sorted(self._scan(adir).items()):
+            rec = read_json(adir / "v" / f"{v}.json") if v <= current.version and gone is None else None
             if rec is not None:
-                out.append(VersionInfo.from_json(json.dumps(rec)))
+                out.append(info_of(rec))
         return out
 
+    @writes
     def delete(self, tenant: str, prefix_id: str) -> None:
         adir = self._adapter_dir(tenant, prefix_id)
         with self._lock(tenant):
@@ -206,95 +204,7 @@ class FileStore(StoreBase):
                 os.remove(adir / "current.json")  # unpublish first: readers now get NotFound
             except FileNotFoundError:
                 raise NotFoundError(_MISSING.format(prefix_id)) from None
-            shutil.rmtree(adir / "v", ignore_errors=True)
-
-    # tenants and keys
-    def create_tenant(self, name: str, quota: Quota | None = None) -> str:
-        tdir = self._tenant_dir(name)
-        quota = quota or Quota()
-        with self._lock("_global"), self._lock(name):
-            if (tdir / "tenant.json").exists():
-                raise ConflictError(f"tenant {name!r} already exists")
-            (tdir / "adapters").mkdir(parents=True, exist_ok=True)
-            api_key, record = new_key(name, self._pepper)
-            _write_atomic(safe_join(self.root, "keys", f"{record['key_id']}.json"), json.dumps(record).encode())
-            rec = {"name": name, "quota": quota.__dict__, "key_ids": [record["key_id"]], "created": time.time()}
-            _write_atomic(tdir / "tenant.json", json.dumps(rec).encode())
-        return api_key
-
-    def tenant_info(self, name: str) -> TenantInfo:
-        rec = self._tenant_record(name)
-        count, used = self._usage(name)
-        return TenantInfo(name, Quota(**rec["quota"]), count, used, tuple(rec["key_ids"]), rec["created"])
-
-    def list_tenants(self) -> builtins.list[TenantInfo]:
-        out = []
-        for name in sorted(os.listdir(self.root / "tenants")):
-            with contextlib.suppress(NotFoundError, PrefixServeError):
-                out.append(self.tenant_info(name))
-        return out
-
-    def _update_tenant(self, name: str, change: Callable[[dict], _R]) -> _R:
-        """Apply ``change`` to the tenant record under its lock and write it back; return its result."""
-        with self._lock(name):
-            rec = self._tenant_record(name)
-            result = change(rec)
-            _write_atomic(self._tenant_dir(name) / "tenant.json", json.dumps(rec).encode())
-        return result
-
-    def set_quota(self, name: str, quota: Quota) -> None:
-        self._update_tenant(name, lambda rec: rec.update(quota=quota.__dict__))
-
-    def _remove_keys(self, key_ids) -> None:
-        for key_id in key_ids:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(safe_join(self.root, "keys", f"{check_id(key_id, 'key id')}.json"))
-
-    def rotate_key(self, name: str, *, revoke_old: bool = True) -> str:
-        api_key, record = new_key(check_tenant(name), self._pepper)
-
-        def change(rec):
-            old = list(rec["key_ids"])
-            _write_atomic(safe_join(self.root, "keys", f"{record['key_id']}.json"), json.dumps(record).encode())
-            rec["key_ids"] = [record["key_id"]] + ([] if revoke_old else old)
-            if revoke_old:
-                self._remove_keys(old)
-
-        self._update_tenant(name, change)
-        return api_key
-
-    def revoke_key(self, name: str, key_id: str | None = None) -> int:
-        def change(rec):
-            gone = [k for k in rec["key_ids"] if key_id is None or k == key_id]
-            rec["key_ids"] = [k for k in rec["key_ids"] if k not in gone]
-            self._remove_keys(gone)
-            return len(gone)
-
-        return self._update_tenant(name, change)
-
-    def delete_tenant(self, name: str) -> None:
-        tdir = self._tenant_dir(name)
-        with self._lock("_global"), self._lock(name):
-            rec = self._tenant_record(name)
-            self._remove_keys(rec["key_ids"])
-            trash = safe_join(self.root, "trash", f"{name}.{secrets.token_hex(6)}")
-            os.replace(tdir, trash)  # one rename: the tenant and all its adapters vanish together
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def authenticate(self, api_key: str) -> str | None:
-        parsed = parse_api_key(api_key)
-        if parsed is None:
-            return None
-        key_id, secret = parsed
-        tenant = verify(secret, _read_json(safe_join(self.root, "keys", f"{key_id}.json")), self._pepper)
-        if tenant is None:
-            return None
-        rec = _read_json(self._tenant_dir(tenant) / "tenant.json")
-        return tenant if rec and key_id in rec["key_ids"] else None
-
-    def ping(self) -> None:
-        if not (self.root / "tenants").is_dir():
-            raise PrefixServeError(f"store root {self.root} is missing", code="store_unavailable", status=503)
+            shutil.rmtree(adir / "v", ignore_errors=True)  # no grace: a deleted id answers 404 anyway
 
     # change feed: poll the pointers
     def _snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
@@ -325,7 +235,7 @@ class FileStore(StoreBase):
                 continue
             for key, stamp in now.items():
                 if before.get(key) != stamp:
-                    rec = _read_json(self.root / "tenants" / key[0] / "adapters" / key[1] / "current.json")
+                    rec = read_json(self.root / "tenants" / key[0] / "adapters" / key[1] / "current.json")
                     self._emit(ChangeEvent(key[0], key[1], int(rec["version"]) if rec else None))
             for key in before.keys() - now.keys():
                 self._emit(ChangeEvent(key[0], key[1], None))

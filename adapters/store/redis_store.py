@@ -4,185 +4,192 @@ Keys (``P`` = key prefix, ``?prefix=`` or ``prefix=``, default ``ps:``; names pa
 so they never contain ``:``)::
 
     P tenants                 SET   tenant names (listed with SSCAN; ``KEYS`` is never used)
-    P t:<T>                   HASH  max_adapters, max_bytes, bytes (usage), created
+    P t:<T>                   HASH  max_adapters, max_bytes, bytes (usage), created, vbase, rl_* limits
     P tk:<T>                  SET   the tenant's key ids
     P k:<key id>              HASH  salted + peppered key hash -> tenant
     P a:<T>                   HASH  prefix id -> current VersionInfo JSON (the pointer + metadata)
-    P vs:<T>:<I>              HASH  version -> VersionInfo JSON (the kept versions)
-    P seq:<T>                 HASH  prefix id -> last version number (survives deletes)
-    P b:<T>:<I>:<n>           STRING immutable blob (written with SET NX)
+    P vs:<T>:<I>              HASH  version -> VersionInfo JSON (kept versions and those in grace)
+    P gr:<T>:<I>              ZSET  versions dropped by retention, scored by when (server time)
+    P seq:<T>                 HASH  prefix id -> last version number (survives deletes of the id)
+    P pend:<T>                ZSET  '<I>:<n>' of blobs reserved but not yet published, by time
+    P b:<T>:<I>:<n>           STRING immutable blob (a placeholder until its put writes it)
+    P vfloor                  STRING highest version a deleted tenant used (survives every tenant)
+    P probe                   STRING ``check_writable``'s probe (expires within a second)
     P events                  pub/sub channel of {"t", "p", "v"} (v null: deleted)
 
-``put``: validate, ``HINCRBY`` the version, ``SET NX`` the blob, then one Lua script checks the
-tenant and its quota, moves the pointer, records the version, collects old ones and ``PUBLISH``es
--- atomically (an over-quota or raced put deletes its blob and changes nothing). ``get`` reads the
-pointer, then the immutable blob it names, and checks its sha256: never torn. The scripts live in
-:mod:`.redis_scripts`; they build some key names themselves, so this needs standalone Redis (any DB)
-or one shard, not Redis Cluster.
+``put``: validate; *reserve* (one script: tenant exists, next version, pending marker, a placeholder
+at the blob key, collect the tenant's stale pending blobs); *write* the blob over the placeholder
+(WATCH/MULTI/EXEC: only while the placeholder is there, so never after ``delete_tenant``);
+*publish* (one script: tenant, quota, pointer, version record, retention with its grace window,
+drop the marker, ``PUBLISH``) -- atomically; a refused publish deletes its blob and changes nothing.
+A put that fails between the steps deletes its blob and marker (``abandon``); a put that crashed
+there leaves a marker, and a later put of the tenant deletes the blob once the marker is
+``orphan_age_s`` old (``collect_orphans`` does the same on demand). ``get`` reads the version
+record, then the immutable blob it names, and checks its sha256: never torn, never another blob.
+The scripts live in :mod:`.redis_scripts`; they build some key names themselves, so this needs
+standalone Redis (any DB) or one shard, not Redis Cluster.
 
 Durability is Redis's: run it with ``appendonly yes`` (``appendfsync always`` to lose nothing on a
 crash; ``everysec`` risks the last second). Connection errors retry with jittered exponential
-backoff (a restart is ridden out); when retries run out a ``StoreUnavailableError`` (503) is raised.
+backoff (a restart is ridden out); when retries run out, or Redis refuses writes (OOM, READONLY,
+MISCONF...), a ``StoreUnavailableError`` (503, ``retry_after``) is raised (:mod:`.redis_common`).
 """
 
 from __future__ import annotations
 
 import builtins
-import functools
 import hashlib
 import json
-import os
+import logging
+import secrets
 import threading
 import time
-from collections.abc import Callable
-from typing import Concatenate, ParamSpec, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from typing import cast
 
-from ..errors import ConflictError, NotFoundError, PrefixServeError, QuotaExceededError, StoreUnavailableError
-from .base import DEFAULT_KEEP_VERSIONS, Quota, StoreBase, TenantInfo, VersionInfo
+from ..errors import ConflictError, NotFoundError, QuotaExceededError
+from .base import VersionInfo, unavailable
 from .ids import check_id, check_tenant, check_version
-from .keys import new_key, parse_api_key, resolve_pepper, verify
-from .redis_scripts import SCRIPTS
+from .redis_common import PASSWORD_ENV, guard, parse_redis_url, text
+from .redis_tenants import RedisTenants
 
-PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"
+__all__ = ["RedisStore", "parse_redis_url", "PASSWORD_ENV"]
 _MISSING = "adapter {!r} not found"
+PLACEHOLDER = b"\x00prefixserve:pending\x00"  # holds a reserved blob key until the blob is written
+_log = logging.getLogger(__name__)
 
 
-_S = TypeVar("_S", bound=StoreBase)
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _guard(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], _R]:
-    """Turn connection trouble (after the client's own retries) into a 503 the server can report."""
-
-    @functools.wraps(method)
-    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        import redis
-
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailableError(f"redis at {self.url} is unreachable: {exc}") from None
-        except redis.ResponseError as exc:
-            raise PrefixServeError(f"redis error: {exc}", code="store_error", status=500) from None
-
-    return wrapper
-
-
-def _text(reply: bytes | str) -> str:
-    """redis-py types replies as ``bytes | str``; this client keeps ``decode_responses`` off (blobs are binary)."""
-    return reply.decode() if isinstance(reply, bytes) else reply
-
-
-def parse_redis_url(url: str, prefix: str | None = None, password: str | None = None) -> tuple[str, str, str | None]:
-    """(url for redis-py without our ``prefix`` query, key prefix, password) from a store URL."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    key_prefix = prefix if prefix is not None else query.pop("prefix", "ps:")
-    query.pop("prefix", None)
-    password = password or (unquote(parts.password) if parts.password else None) or os.environ.get(PASSWORD_ENV)
-    return urlunsplit(parts._replace(query=urlencode(query))), key_prefix, password
-
-
-class RedisStore(StoreBase):
-    def __init__(
-        self,
-        url: str,
-        *,
-        validator=None,
-        keep_versions: int = DEFAULT_KEEP_VERSIONS,
-        prefix: str | None = None,
-        password: str | None = None,
-        pepper: str | None = None,
-        retries: int = 8,
-        health_check_interval: float = 10,
-        socket_timeout: float = 5.0,
-    ):
-        super().__init__(validator=validator, keep_versions=keep_versions)
-        import redis
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
-
-        client_url, self.prefix, secret = parse_redis_url(url, prefix, password)
-        parts = urlsplit(client_url)
-        self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never echo a password
-        self._r = redis.Redis.from_url(
-            client_url,
-            password=secret,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=2.0,
-            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=health_check_interval,
-        )
-        self._pepper = resolve_pepper(pepper)
-        self.channel = f"{self.prefix}events"
-        self._scripts = {name: self._r.register_script(source) for name, source in SCRIPTS.items()}
-        self._feed_thread: threading.Thread | None = None
-
-    def _k(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    def _blob_prefix(self, tenant: str, prefix_id: str) -> str:
-        return self._k("b", tenant, prefix_id, "")
-
+class RedisStore(RedisTenants):
     # adapters
-    @_guard
+    @guard
     def put(self, tenant: str, prefix_id: str, data: bytes) -> VersionInfo:
         check_tenant(tenant), check_id(prefix_id)
         meta = self._validate(data)  # before anything is written
         data = bytes(data)
         digest = hashlib.sha256(data).hexdigest()
-        if not self._r.exists(self._k("t", tenant)):
-            raise NotFoundError(f"tenant {tenant!r} not found")
-        for _ in range(5):  # retried only when a concurrent put of the same id published a newer version
-            version = int(self._r.hincrby(self._k("seq", tenant), prefix_id, 1))
-            blob_key = self._blob_prefix(tenant, prefix_id) + str(version)
-            if not self._r.set(blob_key, data, nx=True):
+        for _ in range(5):  # retried only when the blob key was taken or a concurrent put published a newer version
+            version = self._reserve(tenant, prefix_id)
+            if version is None:
                 continue
-            info = VersionInfo(tenant, prefix_id, version, digest, len(data), meta, time.time())
-            event = json.dumps({"t": tenant, "p": prefix_id, "v": version})
-            res = self._scripts["publish"](
-                keys=[self._k("t", tenant), self._k("a", tenant), self._k("vs", tenant, prefix_id), blob_key],
-                args=[
-                    prefix_id,
-                    version,
-                    info.to_json(),
-                    len(data),
-                    self.keep_versions,
-                    self._blob_prefix(tenant, prefix_id),
-                    self.channel,
-                    event,
-                ],
-            )
-            status = res[0].decode()
+            try:
+                self._write_blob(tenant, prefix_id, version, data)
+                info = VersionInfo(tenant, prefix_id, version, digest, len(data), meta, time.time())
+                status, *counts = self._publish(info)
+            except BaseException:
+                self._abandon(tenant, prefix_id, version)  # the refusal, not a failed cleanup, is raised
+                raise
             if status == "ok":
                 return info
             if status == "no_tenant":
                 raise NotFoundError(f"tenant {tenant!r} not found")
             if status == "quota":
                 quota = self.tenant_info(tenant).quota
-                quota.check(tenant, int(res[1]), int(res[2]))
+                quota.check(tenant, int(counts[0]), int(counts[1]))
                 raise QuotaExceededError(f"tenant {tenant!r} quota exceeded")
-            if status == "no_blob":  # evicted under maxmemory between SET and publish
-                raise StoreUnavailableError("redis dropped the blob before publish (maxmemory eviction?)")
+            if status == "no_blob":  # evicted under maxmemory, or collected as an orphan (a very slow put)
+                raise unavailable("redis lost the blob before it was published (maxmemory eviction?); retry")
         raise ConflictError(f"adapter {prefix_id!r} is being overwritten concurrently; retry")
 
-    @_guard
+    # the steps of put (separate so that tests can stop between them, as a crash would)
+    def _reserve(self, tenant: str, prefix_id: str) -> int | None:
+        """Next version of the id, recorded as pending, its blob key held by ``PLACEHOLDER``; None if
+        that key was taken (the caller takes the next number). Collects the tenant's stale pending blobs."""
+        version = int(
+            self._scripts["reserve"](
+                keys=[self._k("t", tenant), self._k("seq", tenant), self._k("pend", tenant)],
+                args=[prefix_id, self.prefix, tenant, repr(self.orphan_age_s), PLACEHOLDER],
+            )
+        )
+        if version == -1:
+            raise NotFoundError(f"tenant {tenant!r} not found")
+        return None if version < 0 else version
+
+    def _write_blob(self, tenant: str, prefix_id: str, version: int, data: bytes) -> None:
+        """Replace the reserved placeholder with the blob, only while the placeholder is still there:
+        ``delete_tenant`` or the orphan collector deleting it meanwhile aborts the write (WATCH)."""
+        import redis
+
+        key = self._blob_prefix(tenant, prefix_id) + str(version)
+        with self._r.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.get(key) == PLACEHOLDER:
+                    pipe.multi()
+                    pipe.set(key, data, xx=True)
+                    pipe.execute()
+                    return
+            except redis.WatchError:
+                pass
+        if not self._r.exists(self._k("t", tenant)):
+            raise NotFoundError(f"tenant {tenant!r} not found")
+        raise unavailable("the put took longer than the orphan age and its blob was collected; retry")
+
+    def _publish(self, info: VersionInfo) -> list[str]:
+        t, i, v = info.tenant, info.prefix_id, info.version
+        res = self._scripts["publish"](
+            keys=[
+                self._k("t", t),
+                self._k("a", t),
+                self._k("vs", t, i),
+                self._blob_prefix(t, i) + str(v),
+                self._k("gr", t, i),
+                self._k("pend", t),
+            ],
+            args=[
+                i,
+                v,
+                info.to_json(),
+                info.size,
+                self.keep_versions,
+                self._blob_prefix(t, i),
+                self.channel,
+                json.dumps({"t": t, "p": i, "v": v}),
+                repr(self.retain_grace_s),
+                f"{i}:{v}",
+            ],
+        )
+        return [text(x) for x in res]
+
+    def _abandon(self, tenant: str, prefix_id: str, version: int) -> None:
+        """Best effort: delete an unpublished blob and its marker (else the orphan collector will)."""
+        try:
+            self._scripts["abandon"](
+                keys=[
+                    self._k("vs", tenant, prefix_id),
+                    self._blob_prefix(tenant, prefix_id) + str(version),
+                    self._k("pend", tenant),
+                ],
+                args=[version, f"{prefix_id}:{version}"],
+            )
+        except Exception as exc:  # e.g. MISCONF refuses even deletes: the marker stays for the collector
+            _log.warning("redis store: could not clean up %s/%s v%d: %r", tenant, prefix_id, version, exc)
+
+    @guard
+    def collect_orphans(self, tenant: str | None = None, max_age_s: float | None = None) -> int:
+        """Delete blobs whose put reserved them more than ``max_age_s`` (default ``orphan_age_s``)
+        ago and never published them, for one tenant or all; returns how many. Puts do this for
+        their own tenant; call it from a cron job to sweep tenants that stopped publishing."""
+        age = self.orphan_age_s if max_age_s is None else float(max_age_s)
+        names = [check_tenant(tenant)] if tenant else [text(n) for n in self._r.sscan_iter(self._k("tenants"))]
+        return sum(
+            int(self._scripts["collect_orphans"](keys=[self._k("pend", t)], args=[self.prefix, t, repr(age)]))
+            for t in names
+        )
+
+    @guard
     def head(self, tenant: str, prefix_id: str) -> VersionInfo:
         raw = self._r.hget(self._k("a", check_tenant(tenant)), check_id(prefix_id))
         if raw is None:
             raise NotFoundError(_MISSING.format(prefix_id))
         return VersionInfo.from_json(raw)
 
-    @_guard
+    @guard
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
-        """Pointer, then the immutable blob it names (plain GET: a Lua round trip would copy ~4 MB twice).
+        """Record, then the immutable blob it names (plain GET: a Lua round trip would copy ~4 MB twice).
 
-        Never torn: a blob never changes once named, and its sha256 is checked against the pointer.
-        If the blob was collected between the two reads (``keep_versions`` newer puts in between),
-        the pointer is read again.
+        ``version`` may be a kept version or one in its grace window. The blob's sha256 is checked
+        against the record: a mismatch is logged and answered ``NotFoundError``, so the returned
+        ``VersionInfo`` always describes the returned bytes. If the current blob was collected
+        between the two reads (newer puts in between), the pointer is read again.
         """
         check_tenant(tenant), check_id(prefix_id)
         v = None if version is None else check_version(version)
@@ -201,16 +208,15 @@ class RedisStore(StoreBase):
             info = VersionInfo.from_json(raw)
             # cast: decode_responses is off, so a blob comes back as bytes (redis-py types it bytes | str)
             data = cast("bytes | None", self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version)))
-            if data is None:
-                if v is not None:
-                    raise NotFoundError(missing)
-                continue
-            if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
-                raise PrefixServeError(f"stored blob of {prefix_id!r} v{info.version} is corrupt", code="corrupt")
-            return info, data
+            if data is not None and info.matches(data):
+                return info, data
+            if data is not None:
+                _log.error("redis store: blob of %s/%s v%d does not match its record", tenant, prefix_id, info.version)
+            if v is not None:
+                raise NotFoundError(missing)
         raise NotFoundError(missing)
 
-    @_guard
+    @guard
     def list(self, tenant: str) -> list[VersionInfo]:
         check_tenant(tenant)
         pipe = self._r.pipeline(transaction=True)
@@ -221,142 +227,45 @@ class RedisStore(StoreBase):
             raise NotFoundError(f"tenant {tenant!r} not found")
         return sorted((VersionInfo.from_json(v) for v in pointers.values()), key=lambda i: i.prefix_id)
 
-    @_guard
+    @guard
     # builtins.list: in this class body ``list`` names the method above
     def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
+        """The kept versions (not those in their grace window)."""
         self.head(tenant, prefix_id)
-        infos = [VersionInfo.from_json(v) for v in self._r.hvals(self._k("vs", tenant, prefix_id))]
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hgetall(self._k("vs", tenant, prefix_id))
+        pipe.zrange(self._k("gr", tenant, prefix_id), 0, -1)
+        records, superseded = pipe.execute()
+        gone = {text(x) for x in superseded}
+        infos = [VersionInfo.from_json(raw) for n, raw in records.items() if text(n) not in gone]
         return sorted(infos, key=lambda i: i.version)
 
-    @_guard
+    @guard
     def delete(self, tenant: str, prefix_id: str) -> None:
         check_tenant(tenant), check_id(prefix_id)
         event = json.dumps({"t": tenant, "p": prefix_id, "v": None})
         done = self._scripts["delete"](
-            keys=[self._k("t", tenant), self._k("a", tenant), self._k("vs", tenant, prefix_id)],
+            keys=[
+                self._k("t", tenant),
+                self._k("a", tenant),
+                self._k("vs", tenant, prefix_id),
+                self._k("gr", tenant, prefix_id),
+            ],
             args=[prefix_id, self._blob_prefix(tenant, prefix_id), self.channel, event],
         )
         if not done:
             raise NotFoundError(_MISSING.format(prefix_id))
 
-    # tenants and keys
-    def _key_script(self, name: str, mode: str, quota: Quota | None = None) -> str | None:
-        api_key, record = new_key(name, self._pepper)
-        quota = quota or Quota()
-        ok = self._scripts["issue_key"](
-            keys=[self._k("tenants"), self._k("t", name), self._k("tk", name), self._k("k", record["key_id"])],
-            args=[
-                name,
-                mode,
-                json.dumps(record),
-                record["key_id"],
-                quota.max_adapters,
-                quota.max_bytes,
-                repr(time.time()),
-                self.prefix,
-            ],
-        )
-        return api_key if ok else None
-
-    @_guard
-    def create_tenant(self, name: str, quota: Quota | None = None) -> str:
-        api_key = self._key_script(check_tenant(name), "create", quota)
-        if api_key is None:
-            raise ConflictError(f"tenant {name!r} already exists")
-        return api_key
-
-    @_guard
-    def rotate_key(self, name: str, *, revoke_old: bool = True) -> str:
-        api_key = self._key_script(check_tenant(name), "rotate" if revoke_old else "keep")
-        if api_key is None:
-            raise NotFoundError(f"tenant {name!r} not found")
-        return api_key
-
-    @_guard
-    def revoke_key(self, name: str, key_id: str | None = None) -> int:
-        check_tenant(name)
-        n = self._scripts["revoke_keys"](
-            keys=[self._k("t", name), self._k("tk", name)],
-            args=[self.prefix, "" if key_id is None else check_id(key_id, "key id")],
-        )
-        if n < 0:
-            raise NotFoundError(f"tenant {name!r} not found")
-        return int(n)
-
-    @_guard
-    def set_quota(self, name: str, quota: Quota) -> None:
-        done = self._scripts["set_quota"](
-            keys=[self._k("t", check_tenant(name))], args=[quota.max_adapters, quota.max_bytes]
-        )
-        if not done:
-            raise NotFoundError(f"tenant {name!r} not found")
-
-    def _tenant_infos(self, names: builtins.list[str]) -> builtins.list[TenantInfo]:
-        pipe = self._r.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(self._k("t", name))
-            pipe.hlen(self._k("a", name))
-            pipe.smembers(self._k("tk", name))
-        res = pipe.execute()
-        out = []
-        for i, name in enumerate(names):
-            rec, count, keys = res[3 * i : 3 * i + 3]
-            if not rec:
-                continue
-            rec = {_text(k): _text(v) for k, v in rec.items()}
-            quota = Quota(int(rec.get("max_adapters", 0)), int(rec.get("max_bytes", 0)))
-            out.append(
-                TenantInfo(
-                    name,
-                    quota,
-                    int(count),
-                    int(rec.get("bytes", 0)),
-                    tuple(sorted(_text(k) for k in keys)),
-                    float(rec.get("created", 0)),
-                )
-            )
-        return out
-
-    @_guard
-    def tenant_info(self, name: str) -> TenantInfo:
-        infos = self._tenant_infos([check_tenant(name)])
-        if not infos:
-            raise NotFoundError(f"tenant {name!r} not found")
-        return infos[0]
-
-    @_guard
-    def list_tenants(self) -> builtins.list[TenantInfo]:
-        names = sorted(_text(n) for n in self._r.sscan_iter(self._k("tenants"), count=500))
-        return self._tenant_infos(names)
-
-    @_guard
-    def delete_tenant(self, name: str) -> None:
-        check_tenant(name)
-        done = self._scripts["delete_tenant"](
-            keys=[
-                self._k("tenants"),
-                self._k("t", name),
-                self._k("a", name),
-                self._k("tk", name),
-                self._k("seq", name),
-            ],
-            args=[name, self.prefix, self.channel],
-        )
-        if not done:
-            raise NotFoundError(f"tenant {name!r} not found")
-
-    @_guard
-    def authenticate(self, api_key: str) -> str | None:
-        parsed = parse_api_key(api_key)
-        if parsed is None:
-            return None
-        key_id, secret = parsed
-        rec = self._r.hgetall(self._k("k", key_id))
-        return verify(secret, {_text(k): _text(v) for k, v in rec.items()}, self._pepper)
-
-    @_guard
+    # health
+    @guard
     def ping(self) -> None:
         self._r.ping()
+
+    @guard
+    def check_writable(self) -> None:
+        """SET a probe key (1 s expiry) and delete it: a 503 when Redis takes no writes (OOM, READONLY...)."""
+        self._r.set(self._k("probe"), secrets.token_hex(4), px=1000)
+        self._r.delete(self._k("probe"))
 
     # change feed: pub/sub, a hint (versions in the cache keys, not the feed, keep replicas coherent)
     def _start_feed(self) -> None:

@@ -5,6 +5,7 @@ replica start-up dominate the cost)."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,6 +52,7 @@ def server(ray_serve, redis_server, tiny_backbones, tmp_path_factory):
         max_inputs=8,
         max_upload_bytes=UPLOAD_CAP,
         admin_key_file=str(key_file),
+        default_limits={"requests_per_s": 1000.0, "rows_per_s": 0.0, "burst_s": 5.0, "max_concurrent": 64},
     )
     serve.run(build_app(settings), name="prefixserve-test", route_prefix="/")
     client = httpx.Client(base_url=ray_serve.url, timeout=60.0)
@@ -112,11 +114,13 @@ def test_health_ready_docs(server):
     assert c.get("/docs").status_code == 200
     paths = c.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/prefixes/{prefix_id}", "/v1/tenants"} <= set(paths)
-    r = c.get("/nope")
+    r = c.get("/nope")  # unknown paths reveal nothing without a key
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = c.get("/nope", headers=bearer(server["admin"]))
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_auth_401(server):
+def test_auth_401_and_403(server):
     c = server["client"]
     key = new_tenant(server, "authco")
     for headers in (
@@ -128,8 +132,13 @@ def test_auth_401(server):
         r = c.get("/v1/prefixes", headers=headers)
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == "unauthorized"
-    assert c.post("/v1/tenants", json={"tenant": "x"}, headers=bearer(key)).status_code == 401  # tenant != admin
-    assert c.get("/v1/prefixes", headers=bearer(server["admin"])).status_code == 401  # admin is not a tenant
+    r = c.post("/v1/tenants", json={"tenant": "x"}, headers=bearer(key))  # a tenant key on an admin route
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert c.get("/v1/prefixes", headers=bearer(server["admin"])).status_code == 403  # admin is not a tenant
+    for headers in ({}, {"Authorization": "Bearer nope"}):  # no key: 401 before the body is looked at
+        r = c.post("/v1/classify", content=b"{not json", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert c.get("/metrics").status_code == 401 and c.get("/metrics", headers=bearer(key)).status_code == 403
     assert c.post("/v1/tenants", json={"tenant": "authco"}, headers=bearer(server["admin"])).status_code == 409
 
 
@@ -200,7 +209,7 @@ def test_concurrent_mixed_equals_single(server, tmp_path):
         for got, want in zip(r.json()["predictions"], single[(key, pid, inputs[0])]):
             assert got["label"] == want["label"]
             assert_scores_close(got["scores"], want["scores"])
-    metrics = c.get("/metrics").text
+    metrics = c.get("/metrics", headers=bearer(server["admin"])).text
     assert "prefixserve_batch_rows_bucket" in metrics and "prefixserve_requests_total" in metrics
     rows = [line for line in metrics.splitlines() if line.startswith("prefixserve_batch_adapters_sum")]
     assert rows, metrics[:2000]
@@ -233,7 +242,9 @@ def test_isolation(server, tmp_path):
 def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
     c, key = server["client"], new_tenant(server, "coherent")
     v1, v2 = packed_adapter(server, tmp_path, 11), packed_adapter(server, tmp_path, 12)
-    assert put_packed(server, key, "live", v1).status_code == 201
+    first = put_packed(server, key, "live", v1)
+    assert first.status_code == 201
+    v = first.json()["version"]  # not always 1: numbers never restart after another tenant's deletion
 
     def sweep(t0, want, max_calls=200):
         """Classify (4 at a time) until both Worker replicas answered; {replica: (sent - t0, json)}."""
@@ -252,15 +263,15 @@ def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
                     return seen
         return seen
 
-    old = sweep(time.monotonic(), 1)
+    old = sweep(time.monotonic(), v)
     assert len(old) == 2, "requests did not reach both Worker replicas"
-    assert {o["version"] for _, o in old.values()} == {1}
+    assert {o["version"] for _, o in old.values()} == {v}
     t0 = time.monotonic()
     r = put_packed(server, key, "live", v2)
-    assert r.status_code == 200 and r.json()["version"] == 2
-    new = sweep(t0, 2)
+    assert r.status_code == 200 and r.json()["version"] == v + 1
+    new = sweep(t0, v + 1)
     # every request sent after the PUT returned is answered by v2, on both replicas
-    assert len(new) == 2 and {n["version"] for _, n in new.values()} == {2}
+    assert len(new) == 2 and {n["version"] for _, n in new.values()} == {v + 1}
     old_scores = next(iter(old.values()))[1]["predictions"][0]["scores"]
     assert all(n["predictions"][0]["scores"] != old_scores for _, n in new.values())
     visible_after = max(at for at, _ in new.values())  # from the PUT's start to the request that saw v2
@@ -270,7 +281,9 @@ def test_overwrite_visible_on_both_replicas_within_1s(server, tmp_path):
 def test_rejected_upload_keeps_old_version(server, tmp_path):
     c, key = server["client"], new_tenant(server, "corrupt")
     good = packed_adapter(server, tmp_path, 21)
-    assert put_packed(server, key, "keep", good).status_code == 201
+    created = put_packed(server, key, "keep", good)
+    assert created.status_code == 201
+    v = created.json()["version"]
     before = classify(c, key, "keep", TEXTS[:2]).json()
     bad_fp = packed_adapter(server, tmp_path, 22)
     other = bad_fp.replace(server["fingerprint"].encode(), b"sha256:" + b"0" * 64)
@@ -285,9 +298,9 @@ def test_rejected_upload_keeps_old_version(server, tmp_path):
     r = c.put("/v1/prefixes/keep", files={"adapter_config": io.BytesIO(b"{not json")}, headers=bearer(key))
     assert r.status_code == 422, r.text
     assert put_packed(server, key, "keep", other).json()["error"]["code"] == "backbone_mismatch"
-    assert c.get("/v1/prefixes/keep", headers=bearer(key)).json()["version"] == 1
+    assert c.get("/v1/prefixes/keep", headers=bearer(key)).json()["version"] == v
     after = classify(c, key, "keep", TEXTS[:2]).json()
-    assert after["version"] == 1 and after["predictions"] == before["predictions"]
+    assert after["version"] == v and after["predictions"] == before["predictions"]
 
 
 def test_limits_413_422_429(server, tmp_path):
@@ -306,7 +319,8 @@ def test_limits_413_422_429(server, tmp_path):
     assert r.status_code == 413, r.text
     assert c.get("/v1/prefixes/big", headers=bearer(key)).status_code == 404
 
-    assert put_packed(server, key, "one", packed_adapter(server, tmp_path, 31)).status_code == 201
+    one = put_packed(server, key, "one", packed_adapter(server, tmp_path, 31))
+    assert one.status_code == 201
     r = classify(c, key, "one", ["x"] * 9)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_inputs"
     r = c.post("/v1/classify", json={"prefix_id": "one", "inputs": []}, headers=bearer(key))
@@ -328,8 +342,82 @@ def test_limits_413_422_429(server, tmp_path):
         store.close()
     r = put_packed(server, key, "two", packed_adapter(server, tmp_path, 32))
     assert r.status_code == 429 and r.json()["error"]["code"].startswith("quota")
-    assert put_packed(server, key, "one", packed_adapter(server, tmp_path, 33)).json()["version"] == 2  # replace ok
+    replaced = put_packed(server, key, "one", packed_adapter(server, tmp_path, 33))
+    assert replaced.json()["version"] == one.json()["version"] + 1  # replace ok
 
-    metrics = c.get("/metrics").text
+    metrics = c.get("/metrics", headers=bearer(server["admin"])).text
     assert 'code="body_too_large"' in metrics and 'tenant="limits"' in metrics
     assert "prefixserve_adapter_cache_misses" in metrics
+
+
+def test_rate_limits_and_bad_text(server, tmp_path):
+    c, key = server["client"], new_tenant(server, "ratelimited")
+    admin = bearer(server["admin"])
+    assert put_packed(server, key, "m", packed_adapter(server, tmp_path, 41)).status_code == 201
+    r = c.get("/v1/tenants/ratelimited/limits", headers=admin)
+    assert r.status_code == 200 and r.json()["default"] is True and r.json()["max_concurrent"] == 64
+    assert c.get("/v1/tenants/ratelimited/limits", headers=bearer(key)).status_code == 403
+    limits = {"requests_per_s": 0.5, "rows_per_s": 0.0, "burst_s": 4.0, "max_concurrent": 4}
+    r = c.put("/v1/tenants/ratelimited/limits", json=limits, headers=admin)
+    assert r.status_code == 200 and r.json()["default"] is False and r.json()["requests_per_s"] == 0.5
+    statuses = [classify(c, key, "m", ["x"]) for _ in range(4)]
+    assert [r.status_code for r in statuses[:2]] == [200, 200]  # the burst: 0.5/s x 4 s = 2 requests
+    limited = statuses[-1]
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    other = new_tenant(server, "unaffected")  # one tenant's limit is not another's
+    assert put_packed(server, other, "m", packed_adapter(server, tmp_path, 42)).status_code == 201
+    assert all(classify(c, other, "m", ["x"]).status_code == 200 for _ in range(4))
+    assert c.put("/v1/tenants/ratelimited/limits", json={"default": True}, headers=admin).json()["default"]
+
+    body = json.dumps({"prefix_id": "m", "inputs": ["fine", "x \ud800 y"]})  # JSON may carry a lone surrogate
+    r = c.post("/v1/classify", content=body, headers={**bearer(other), "Content-Type": "application/json"})
+    assert (
+        r.status_code == 422 and r.json()["error"]["code"] == "bad_text" and "inputs[1]" in r.json()["error"]["message"]
+    )
+
+
+def ingress_process():
+    """The Ingress replica's process (this session's Ray cluster, found by its process title)."""
+    psutil = pytest.importorskip("psutil")
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica:prefixserve-test:Ingress" in part for part in proc.info["cmdline"] or ()):
+            return proc
+    pytest.fail("Ingress replica process not found")
+
+
+def test_unauthenticated_uploads_cost_nothing(server):
+    """8 concurrent unauthenticated 60 MiB uploads: all 401, answered before their bodies are sent, and the
+    Ingress grows by far less than one body (it buffered up to 64 MiB each before the key was checked)."""
+    import socket
+    import threading
+
+    port = int(str(server["client"].base_url).rsplit(":", 1)[1].strip("/"))
+    ingress = ingress_process()
+    before = ingress.memory_info().rss
+    statuses: list[bytes] = []
+    size = 60 * 2**20
+
+    def upload(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = (
+                f"PUT /v1/prefixes/big{i} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {size}\r\n\r\n"
+            )
+            sock.sendall(head.encode())  # the headers only: the answer must not wait for the body
+            statuses.append(sock.recv(64).split(b" ")[1])
+            try:  # then push (part of) the body anyway, as an attacker would
+                for _ in range(16):
+                    sock.sendall(b"\0" * 2**20)
+            except OSError:
+                pass  # the server closed the connection: good
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    grown = ingress.memory_info().rss - before
+    assert statuses == [b"401"] * 8
+    print(f"ingress RSS grew by {grown / 2**20:.1f} MiB")
+    assert grown <= 64 * 2**20, f"the Ingress grew by {grown / 2**20:.0f} MiB"

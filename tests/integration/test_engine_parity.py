@@ -9,6 +9,7 @@ import torch
 
 from prefixserve.adapters.backbone import load_backbone
 from prefixserve.adapters.engine import Engine, Row
+from prefixserve.adapters.errors import InvalidAdapterError
 from prefixserve.adapters.peft_io import pack_folder
 from tests.fixtures.backbones import make_peft_adapter, peft_logits
 
@@ -30,15 +31,27 @@ def _returns(packed: bytes) -> Callable[[], bytes]:
     return lambda: packed
 
 
-@pytest.fixture(scope="module", params=["roberta", "bert"])
+@pytest.fixture(scope="module", params=["roberta", "bert", "bert-no-pooler"])
 def setup(request, tiny_backbones, tmp_path_factory):
+    """``bert-no-pooler``: a checkpoint without pooler weights; PEFT trains and saves the pooler with the head
+    (``modules_to_save``), so PEFT's reference and our engine both use the adapter's pooler, never a random one."""
     arch = request.param
-    bdir = tiny_backbones[arch]
+    no_pooler = arch == "bert-no-pooler"
+    bdir = request.getfixturevalue("pooler_less_bert") if no_pooler else tiny_backbones[arch]
     backbone = load_backbone(bdir)
+    assert backbone.has_pooler == (arch == "bert")
     engine = Engine(backbone)
     adapters = []
     for k, (method, p, c) in enumerate(ADAPTERS):
-        folder = make_peft_adapter(bdir, tmp_path_factory.mktemp(f"{arch}-{method}-{k}"), method, p, c, seed=k)
+        folder = make_peft_adapter(
+            bdir,
+            tmp_path_factory.mktemp(f"{arch}-{method}-{k}"),
+            method,
+            p,
+            c,
+            seed=k,
+            modules_to_save=["pooler"] if no_pooler else None,
+        )
         labels = [f"{method}-{i}" for i in range(c)]
         packed = pack_folder(folder, labels=labels, fingerprint=backbone.fingerprint)
         adapters.append((folder, c, engine.adapter(f"tenant{k}/a{k}@1", _returns(packed))))
@@ -100,3 +113,13 @@ def test_cache_counts_hits_and_misses(setup):
     for _, _, a in adapters:
         assert engine.adapter(a.key, lambda: pytest.fail("must be a cache hit")) is a
     assert engine.cache.stats.hits == before + len(adapters)
+
+
+def test_bert_head_without_a_pooler_is_refused_on_a_pooler_less_backbone(pooler_less_bert, tmp_path):
+    """PEFT's default SEQ_CLS save has no pooler: on this backbone it would run on a random one, so it is refused."""
+    backbone = load_backbone(pooler_less_bert)
+    folder = make_peft_adapter(pooler_less_bert, tmp_path / "plain", "prefix", 3, 2)
+    packed = pack_folder(folder, fingerprint=backbone.fingerprint)  # a well-formed file...
+    with pytest.raises(InvalidAdapterError) as err:  # ...that does not fit this backbone
+        Engine(backbone).adapter("t/a@1", _returns(packed))
+    assert err.value.code == "needs_pooler" and err.value.status == 422

@@ -67,16 +67,16 @@ def _code(data, **kw):
 
 def test_header_length_cap(packed):
     data = packed[3]
-    huge = struct.pack("<Q", 10**9) + data[8:]
-    assert _code(huge) == "header_too_large"
-    assert _code(data, limits=Limits(max_header_bytes=16)) == "header_too_large"
+    assert _code(data, limits=Limits(max_header_bytes=16)) == "header_too_large"  # a real header over the cap
+    # a length larger than the file itself: not a safetensors file (random bytes read as a length are huge)
+    assert _code(struct.pack("<Q", 10**9) + data[8:]) == "not_safetensors"
+    assert _code(b"\x01\x02") == "not_safetensors"
 
 
 def test_header_must_be_json(packed):
     data = packed[3]
     (n,) = struct.unpack("<Q", data[:8])
     assert _code(data[:8] + b"{" * n + data[8 + n :]) == "bad_header"
-    assert _code(b"\x01\x02") == "bad_header"
 
 
 def test_dtype_allowed(packed):

@@ -70,7 +70,12 @@ def test_operator_workflow(capsys, store_url, packed_file, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)
     rc, _, err = run(capsys, "store", "push", "intent", str(bad), *s)
-    assert rc == 2 and json.loads(err)["error"]["code"] in ("bad_header", "header_too_large", "missing_metadata")
+    assert rc == 2 and json.loads(err)["error"]["code"] in (
+        "bad_header",
+        "header_too_large",
+        "missing_metadata",
+        "not_safetensors",
+    )
     rc, _, err = run(capsys, "store", "push", "../escape", str(packed_file), *s)
     assert rc == 2 and json.loads(err)["error"]["code"] == "invalid_id"
     rc, _, err = run(capsys, "store", "ls", "--store", store_url, "--tenant", "nobody")
@@ -101,3 +106,34 @@ def test_help_and_missing_store(capsys, monkeypatch):
     assert "push" in capsys.readouterr().out
     rc, _, err = run(capsys, "store", "ls", "--tenant", "acme")
     assert rc == 2 and "PREFIXSERVE_STORE" in err
+
+
+def test_tenant_limits(capsys, store_url):
+    rc, _, _ = run(capsys, "tenant", "create", "acme", "--store", store_url)
+    assert rc == 0
+    t = ["--store", store_url]
+    rc, out, _ = run(capsys, "tenant", "limits", "acme", *t, "--json")
+    assert rc == 0 and json.loads(out)["limits"] is None  # the server's default
+    rc, out, _ = run(capsys, "tenant", "limits", "acme", *t)
+    assert out.splitlines()[1].split() == ["acme", "default", "default", "default", "default"]
+    rc, out, _ = run(capsys, "tenant", "limits", "acme", *t, "--requests-per-s", "5", "--max-concurrent", "2", "--json")
+    assert rc == 0
+    assert json.loads(out)["limits"] == {"requests_per_s": 5.0, "rows_per_s": 0.0, "burst_s": 2.0, "max_concurrent": 2}
+    rc, out, _ = run(capsys, "tenant", "limits", "acme", *t, "--rows-per-s", "250.5", "--burst-s", "1")
+    assert rc == 0 and out.splitlines()[0].split() == [
+        "TENANT",
+        "REQUESTS_PER_S",
+        "ROWS_PER_S",
+        "BURST_S",
+        "MAX_CONCURRENT",
+    ]
+    assert out.splitlines()[1].split() == ["acme", "5.0", "250.5", "1.0", "2"]  # the other fields kept their values
+    rc, out, _ = run(capsys, "tenant", "list", *t, "--json")
+    assert json.loads(out)[0]["limits"]["rows_per_s"] == 250.5
+    for bad in (["--requests-per-s", "-1"], ["--default", "--rows-per-s", "1"]):
+        rc, _, err = run(capsys, "tenant", "limits", "acme", *t, *bad)
+        assert rc == 2 and json.loads(err)["error"]["code"] == "bad_limits"
+    rc, out, _ = run(capsys, "tenant", "limits", "acme", *t, "--default", "--json")
+    assert rc == 0 and json.loads(out)["limits"] is None
+    rc, _, err = run(capsys, "tenant", "limits", "nobody", *t, "--max-concurrent", "1")
+    assert rc == 2 and json.loads(err)["error"]["code"] == "not_found"

@@ -79,8 +79,14 @@ def learnable(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def backbones(tiny_backbones):
-    return {arch: load_backbone(path, device="cpu") for arch, path in tiny_backbones.items()}
+def all_backbones(tiny_backbones, pooler_less_bert) -> dict[str, str]:
+    """The shared tiny backbones plus ``bert-no-pooler`` (a checkpoint without pooler weights)."""
+    return {**tiny_backbones, "bert-no-pooler": pooler_less_bert}
+
+
+@pytest.fixture(scope="module")
+def backbones(all_backbones):
+    return {arch: load_backbone(path, device="cpu") for arch, path in all_backbones.items()}
 
 
 def cfg(bdir, data, **kw) -> TrainConfig:
@@ -137,10 +143,18 @@ def test_formats_labels_and_bad_rows(tmp_path):
 # ---- training -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "arch,kind,projection",
-    [("bert", "prefix", False), ("roberta", "prefix", True), ("roberta", "prompt", False), ("bert", "prompt", False)],
+    [
+        ("bert", "prefix", False),
+        ("roberta", "prefix", True),
+        ("roberta", "prompt", False),
+        ("bert", "prompt", False),
+        ("bert-no-pooler", "prefix", False),
+        ("bert-no-pooler", "prompt", False),
+    ],
 )
-def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones, tiny_backbones, data, tmp_path):
-    bb, bdir = backbones[arch], tiny_backbones[arch]
+def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones, all_backbones, data, tmp_path):
+    bb, bdir = backbones[arch], all_backbones[arch]
+    classifier_weight = "base_model.classifier." + ("out_proj.weight" if arch == "roberta" else "weight")
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
     out = tmp_path / "a.safetensors"
     res = train(cfg(bdir, data, kind=kind, prefix_projection=projection, out=str(out), epochs=2), backbone=bb)
@@ -152,10 +166,12 @@ def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones,
         bb.model, 2, kind=kind, num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16, seed=42
     )
     assert not torch.equal(fresh.virtual.materialise(), res.model.virtual.materialise())
-    assert not torch.equal(
-        fresh.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")],
-        res.model.head.peft_state()["base_model.classifier." + ("weight" if arch == "bert" else "out_proj.weight")],
-    )
+    assert not torch.equal(fresh.head.peft_state()[classifier_weight], res.model.head.peft_state()[classifier_weight])
+    # a backbone without a checkpoint pooler: the head trains and exports its own (else: exactly as before)
+    pooler_key = "base_model.bert.pooler.dense.weight"
+    assert (pooler_key in res.model.adapter_tensors()) == (arch == "bert-no-pooler") == res.log["head_has_pooler"]
+    if arch == "bert-no-pooler":
+        assert not torch.equal(fresh.head.peft_state()[pooler_key], res.model.head.peft_state()[pooler_key])
     assert (
         set(res.log["trainable_params"]) == {"virtual", "head", "backbone"}
         and res.log["trainable_params"]["backbone"] == 0

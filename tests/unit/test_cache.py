@@ -5,6 +5,8 @@ from collections.abc import Callable
 from prefixserve.adapters.cache import AdapterCache
 from prefixserve.adapters.ref import AdapterRef
 
+SHA, OTHER = "a" * 64, "b" * 64
+
 
 def loader(name: str, size: int) -> Callable[[], tuple[str, int]]:
     return lambda: (name, size)
@@ -35,19 +37,21 @@ def test_oversize_is_served_uncached():
 
 def test_discard_is_exact_on_refs():
     c: AdapterCache[AdapterRef, tuple[str, int]] = AdapterCache(1000, size_of=lambda v: v[1])
-    one, twelve = AdapterRef("t", "p", 1), AdapterRef("t", "p", 12)
+    one, twelve = AdapterRef("t", "p", 1, SHA), AdapterRef("t", "p", 12, SHA)
     for ref in (one, twelve):
         c.get(ref, loader(str(ref), 1))
-    assert c.discard(AdapterRef("t", "p", 1)) and not c.discard(one)
+    assert c.discard(AdapterRef("t", "p", 1, SHA)) and not c.discard(one)
     assert twelve in c and c.stats.resident_bytes == 1
 
 
 def test_refs_are_values():
-    assert AdapterRef("t", "p", 3) == AdapterRef("t", "p", 3) and str(AdapterRef("t", "p", 3)) == "t/p@3"
-    assert len({AdapterRef("t", "p", 3), AdapterRef("t", "p", 3), AdapterRef("u", "p", 3)}) == 2
+    assert AdapterRef("t", "p", 3, SHA) == AdapterRef("t", "p", 3, SHA)
+    assert str(AdapterRef("t", "p", 3, SHA)) == "t/p@3#aaaaaaaaaaaa"
+    assert AdapterRef("t", "p", 3, SHA) != AdapterRef("t", "p", 3, OTHER)  # same name and version, other bytes
+    assert len({AdapterRef("t", "p", 3, SHA), AdapterRef("t", "p", 3, SHA), AdapterRef("u", "p", 3, SHA)}) == 2
     for bad in (0, -1, True, "3"):
         try:
-            AdapterRef("t", "p", bad)  # type: ignore[arg-type]
+            AdapterRef("t", "p", bad, SHA)  # type: ignore[arg-type]
         except ValueError:
             continue
         raise AssertionError(f"version {bad!r} accepted")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +17,14 @@ def test_settings_validation():
     from prefixserve.server.schemas import AppSettings
 
     s = AppSettings(backbone="x", store="file:///tmp/s", max_batch_size=8)
-    assert s.worker_max_ongoing == 16 and s.user_config() == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    assert s.worker_max_ongoing == 16
+    assert s.user_config() == {
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.005,
+        "max_batch_tokens": 8192,
+        "target_batch_ms": 50.0,
+        "fair_batching": True,
+    }
     older = AppSettings.model_validate({"backbone_num_cpus": 2, "worker_num_gpus": 1})  # the older spelling works
     assert (older.worker_num_cpus, older.worker_num_gpus) == (2, 1)
     for bad in (
@@ -73,26 +80,25 @@ def test_admin_key_file_and_env(tmp_path, monkeypatch):
 
 
 def test_authenticator():
-    from prefixserve.server.auth import Authenticator, bearer
+    from prefixserve.server.auth import Authenticator, Principal, bearer
 
     class Store:
         def authenticate(self, key):
             return "acme" if key == "good" else None
 
-    auth = Authenticator(Store(), "admin-secret")
+    auth = Authenticator(cast(Any, Store()), "admin-secret", metrics_token="scrape")
     assert bearer("Bearer  tok ") == "tok" and bearer("bearer tok") == "tok"
     for header in (None, "", "Basic tok", "Bearer", "Bearer "):
         with pytest.raises(AuthError):
             bearer(header)
-    assert auth.tenant("Bearer good") == "acme"
-    auth.admin("Bearer admin-secret")
-    for call, header in (
-        (auth.tenant, "Bearer bad"),
-        (auth.tenant, "Bearer admin-secret"),
-        (auth.admin, "Bearer good"),
-    ):
-        with pytest.raises(AuthError):
-            call(header)
+    assert auth.principal("Bearer good") == Principal("tenant", "acme")
+    assert auth.principal("Bearer admin-secret") == Principal("admin", "admin")
+    assert auth.principal("Bearer scrape") == Principal("metrics", "metrics")
+    with pytest.raises(AuthError):
+        auth.principal("Bearer bad")
+    assert Authenticator(cast(Any, Store()), "admin-secret").principal("Bearer good").role == "tenant"
+    with pytest.raises(AuthError):  # no metrics token configured: it is just a bad key
+        Authenticator(cast(Any, Store()), "admin-secret").principal("Bearer scrape")
 
 
 def test_serve_cli_parses():

@@ -84,3 +84,41 @@ def test_store_urls(tmp_path, monkeypatch):
             open_store(bad)
     monkeypatch.setenv("PREFIXSERVE_STORE", f"file://{tmp_path}/env")
     assert open_store(validator=ok).url == f"file://{tmp_path}/env"
+
+
+def test_redis_replies_that_refuse_writes_are_recognised():
+    import redis.exceptions as rex
+
+    from prefixserve.adapters.store.redis_common import refusal
+
+    assert refusal(rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")) is not None
+    assert refusal(rex.ReadOnlyError("You can't write against a read only replica. script: ab, on @user_script:1."))
+    assert refusal(rex.ResponseError("MISCONF Redis is configured to save RDB snapshots, but ..."))
+    assert refusal(rex.ResponseError("BUSY Redis is busy running a script.")) is not None
+    in_multi = rex.ResponseError("Command # 1 (SET ps:b:acme:x:2 ...) of pipeline caused error: MISCONF Redis is ...")
+    assert refusal(in_multi) is not None  # how redis-py reports a refusal inside MULTI/EXEC
+    for other in (rex.ResponseError("ERR unknown command"), rex.ResponseError("WRONGTYPE Operation"), ValueError("x")):
+        assert refusal(other) is None  # a real bug stays a 500
+
+
+def test_os_errors_are_named_without_their_path():
+    import errno
+
+    from prefixserve.adapters.store.file_base import os_reason
+
+    exc = OSError(errno.EROFS, os.strerror(errno.EROFS), "/secret/store/tenants/acme/tenant.json")
+    assert os_reason(exc) == "EROFS: Read-only file system" and "secret" not in os_reason(exc)
+    assert os_reason(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).startswith("ENOSPC")
+
+
+def test_version_info_matches_only_its_own_bytes_and_tenant_info_carries_limits():
+    import hashlib
+
+    from prefixserve.adapters.ratelimit import RateLimits
+    from prefixserve.adapters.store import Quota, TenantInfo, VersionInfo
+
+    info = VersionInfo("acme", "m", 1, hashlib.sha256(b"abc").hexdigest(), 3)
+    assert info.matches(b"abc") and not info.matches(b"abd") and not info.matches(b"abcd")
+    assert TenantInfo("acme", Quota()).to_dict()["limits"] is None
+    limits = RateLimits(requests_per_s=2, max_concurrent=3)
+    assert TenantInfo("acme", Quota(), limits=limits).to_dict()["limits"] == limits.to_dict()
