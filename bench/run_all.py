@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import common
 
-BENCHES = ["engine", "memory", "store_latency", "server_load", "autoscale", "accuracy"]
+BENCHES = ["engine", "memory", "store_latency", "server_load", "fairness", "autoscale", "accuracy"]
 OWN = {"engine", "memory"}
 
 
