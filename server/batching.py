@@ -21,6 +21,11 @@ Decisions:
   ``wait_timeout_s`` for more rows unless a full batch is already waiting.
 * Deficits persist across batches (classic DRR) and reset when a tenant's queue empties, so an idle
   tenant cannot bank credit; the round-robin order rotates, so no tenant is always first.
+* Light tenants go first, alone: when tenants whose whole backlog is at most ``LIGHT_TOKENS`` wait
+  beside heavier ones, the next forward carries only the light tenants' rows (a short forward), and the
+  one after it is an ordinary DRR batch. An interactive tenant's row then waits for at most the forward
+  in flight plus its own short one, not for a forward filled up with a flood; a heavy tenant still gets
+  at least every other forward, so many light tenants cannot starve it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ R = TypeVar("R")  # a row
 T = TypeVar("T")  # its result
 
 QUANTUM_TOKENS = 64  # credit a tenant gets per round-robin visit
+LIGHT_TOKENS = 256  # a tenant whose whole backlog is at most this is "light" and goes first
 
 
 def estimate_tokens(text: str, pair: str | None = None, *, max_row_tokens: int = 512) -> int:
@@ -78,6 +84,7 @@ class FairBatcher(Generic[R, T]):
         self._order: deque[str] = deque()  # tenants with rows waiting, in round-robin order
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._light_last = False  # the previous batch was light-only: the next one is ordinary DRR
         self.batches = 0
 
     # ---- producer side -----------------------------------------------------------------------------
@@ -143,6 +150,26 @@ class FairBatcher(Generic[R, T]):
         return max(1, min(self.max_batch_tokens, int(self.target_batch_s / self.seconds_per_token)))
 
     def next_batch(self) -> list[_Item[R, T]]:
+        """Light tenants' rows alone if any wait beside heavy ones (every other batch), else deficit round-robin."""
+        light = self._light_batch() if not self._light_last else []
+        self._light_last = bool(light)
+        return light or self._drr_batch()
+
+    def _light_batch(self) -> list[_Item[R, T]]:
+        backlog = {t: sum(item.cost for item in self._queues[t]) for t in self._order}
+        light = [t for t in self._order if backlog[t] <= LIGHT_TOKENS]
+        if not light or len(light) == len(self._order):
+            return []  # nobody heavy is waiting: an ordinary batch serves everyone anyway
+        batch: list[_Item[R, T]] = []
+        for tenant in light:
+            if len(batch) + len(self._queues[tenant]) > self.max_batch_size:
+                break
+            batch.extend(self._queues.pop(tenant))
+            self._deficit.pop(tenant, None)
+            self._order.remove(tenant)
+        return batch
+
+    def _drr_batch(self) -> list[_Item[R, T]]:
         """Take rows by deficit round-robin until the row or token budget is spent."""
         batch: list[_Item[R, T]] = []
         budget = self.token_budget()

@@ -100,3 +100,22 @@ def test_the_token_budget_follows_the_time_target():
 def test_token_estimate():
     assert estimate_tokens("") == 2 and estimate_tokens("x" * 400) == 102
     assert estimate_tokens("x" * 10_000, max_row_tokens=512) == 512 and estimate_tokens("ab", "cd") == 3
+
+
+def test_light_tenants_go_first_but_cannot_starve_a_heavy_one():
+    async def main():
+        rec = Recorder(delay=0.005)
+        b = make(rec, max_batch_size=16, max_batch_tokens=4000)
+        heavy = asyncio.create_task(b.submit("heavy", [("heavy", i) for i in range(64)], [100] * 64))
+        await asyncio.sleep(0.002)  # the heavy backlog is queued, its first forward runs
+        lights = [asyncio.create_task(b.submit(f"light{j}", [(f"light{j}", 0)], [10])) for j in range(3)]
+        await asyncio.gather(heavy, *lights)
+        return rec
+
+    rec = asyncio.run(main())
+    light_batch = next(i for i, batch in enumerate(rec.batches) if any(t.startswith("light") for t, _ in batch))
+    assert light_batch <= 1 and all(t.startswith("light") for t, _ in rec.batches[light_batch])  # short, alone
+    assert all(  # never two light-only batches in a row while the heavy tenant waits
+        not (all(t.startswith("light") for t, _ in a) and all(t.startswith("light") for t, _ in b))
+        for a, b in zip(rec.batches, rec.batches[1:])
+    )
