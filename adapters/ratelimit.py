@@ -45,11 +45,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from .errors import BadRequestError, PrefixServeError, RateLimitedError, StoreUnavailableError
 from .store.ids import check_tenant
-from .store.redis_store import parse_redis_url
+from .store.redis_common import connect
 
 if TYPE_CHECKING:
     import redis
@@ -297,21 +297,9 @@ class RedisRateLimiter(RateLimiter):
         socket_timeout: float = 5.0,
         slot_lease_s: float = 120.0,
     ):
-        import redis
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
-
         if isinstance(url_or_client, str):
-            client_url, self.prefix, secret = parse_redis_url(url_or_client, prefix, password)
-            parts = urlsplit(client_url)
-            self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never echo a password
-            self._r = redis.Redis.from_url(
-                client_url,
-                password=secret,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=2.0,
-                retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            self._r, self.prefix, self.url = connect(
+                url_or_client, prefix, password, retries=retries, socket_timeout=socket_timeout
             )
         else:
             self.prefix, self.url, self._r = "ps:" if prefix is None else prefix, "redis", url_or_client

@@ -92,6 +92,39 @@ def parse_redis_url(url: str, prefix: str | None = None, password: str | None = 
     return urlunsplit(parts._replace(query=urlencode(query))), key_prefix, password
 
 
+def connect(
+    url: str,
+    prefix: str | None = None,
+    password: str | None = None,
+    *,
+    retries: int = 8,
+    socket_timeout: float = 5.0,
+    health_check_interval: float = 0,
+) -> tuple[Any, str, str]:
+    """(redis client, key prefix, the URL without its password) for a store URL.
+
+    The one place clients are made (store and rate limiter alike): connection errors and timeouts are
+    retried with jittered exponential backoff, so a Redis restart is ridden out, not reported.
+    """
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    client_url, key_prefix, secret = parse_redis_url(url, prefix, password)
+    parts = urlsplit(client_url)
+    shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never echo a password
+    client = redis.Redis.from_url(
+        client_url,
+        password=secret,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=2.0,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=health_check_interval,
+    )
+    return client, key_prefix, shown
+
+
 class RedisBase(StoreBase):
     """The client, the key prefix and the registered scripts; the subclasses add the operations."""
 
@@ -113,23 +146,15 @@ class RedisBase(StoreBase):
         super().__init__(validator=validator, keep_versions=keep_versions, retain_grace_s=retain_grace_s)
         if not float(orphan_age_s) >= 0:
             raise ValueError("orphan_age_s must be >= 0")
-        import redis
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
-
-        client_url, self.prefix, secret = parse_redis_url(url, prefix, password)
-        parts = urlsplit(client_url)
-        self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # never echo a password
-        self.orphan_age_s = float(orphan_age_s)
-        self._r = redis.Redis.from_url(
-            client_url,
-            password=secret,
+        self._r, self.prefix, self.url = connect(
+            url,
+            prefix,
+            password,
+            retries=retries,
             socket_timeout=socket_timeout,
-            socket_connect_timeout=2.0,
-            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             health_check_interval=health_check_interval,
         )
+        self.orphan_age_s = float(orphan_age_s)
         self._pepper = resolve_pepper(pepper)
         self.channel = f"{self.prefix}events"
         self._scripts: dict[str, Any] = {name: self._r.register_script(source) for name, source in SCRIPTS.items()}
