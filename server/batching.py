@@ -50,6 +50,47 @@ def estimate_tokens(text: str, pair: str | None = None, *, max_row_tokens: int =
     return max(1, min(max_row_tokens, chars // 4 + 2))
 
 
+class ForwardCost:
+    """seconds ~ fixed + per_token * tokens, fitted online (exponentially weighted least squares).
+
+    A per-token average alone would charge a tiny forward's fixed overhead (tokenizing, gathering, the
+    heads, the thread hop) to its few tokens, and after one small forward shrink every budget after it.
+    """
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self._w = self._t = self._s = self._tt = self._ts = 0.0  # weighted sums: 1, t, s, t*t, t*s
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._t = d * self._t + tokens
+        self._s = d * self._s + seconds
+        self._tt = d * self._tt + tokens * tokens
+        self._ts = d * self._ts + tokens * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None before any forward."""
+        if self._w == 0:
+            return None
+        mean_t, mean_s = self._t / self._w, self._s / self._w
+        var_t = self._tt / self._w - mean_t * mean_t
+        if var_t <= 1e-9 * max(1.0, mean_t * mean_t):  # one size seen so far: all cost per token
+            return 0.0, mean_s / max(1.0, mean_t)
+        per_token = (self._ts / self._w - mean_t * mean_s) / var_t
+        if per_token <= 0:  # noise: fall back to the average
+            return 0.0, mean_s / max(1.0, mean_t)
+        return max(0.0, mean_s - per_token * mean_t), per_token
+
+    def tokens_within(self, seconds: float) -> int | None:
+        """The most tokens one forward can take in ``seconds`` (at least 1), or None before any forward."""
+        fitted = self.fit()
+        if fitted is None:
+            return None
+        fixed, per_token = fitted
+        return max(1, int((seconds - fixed) / per_token))
+
+
 @dataclass
 class _Item(Generic[R, T]):
     row: R
@@ -78,7 +119,7 @@ class FairBatcher(Generic[R, T]):
         self.max_batch_tokens = max_batch_tokens
         self.wait_timeout_s = wait_timeout_s
         self.target_batch_s = target_batch_s  # 0: no time target, the budget is max_batch_tokens
-        self.seconds_per_token: float | None = None  # EMA over forwards
+        self.cost_model = ForwardCost()
         self._queues: dict[str, deque[_Item[R, T]]] = {}
         self._deficit: dict[str, int] = {}
         self._order: deque[str] = deque()  # tenants with rows waiting, in round-robin order
@@ -139,15 +180,14 @@ class FairBatcher(Generic[R, T]):
                     item.future.set_result(result)
 
     def _observe(self, seconds: float, tokens: int) -> None:
-        per_token = seconds / max(1, tokens)
-        old = self.seconds_per_token
-        self.seconds_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        self.cost_model.observe(tokens, seconds)
 
     def token_budget(self) -> int:
         """Tokens per forward: ``max_batch_tokens``, or fewer if that would take longer than ``target_batch_s``."""
-        if self.target_batch_s <= 0 or not self.seconds_per_token:
+        if self.target_batch_s <= 0:
             return self.max_batch_tokens
-        return max(1, min(self.max_batch_tokens, int(self.target_batch_s / self.seconds_per_token)))
+        tokens = self.cost_model.tokens_within(self.target_batch_s)
+        return self.max_batch_tokens if tokens is None else max(1, min(self.max_batch_tokens, tokens))
 
     def next_batch(self) -> list[_Item[R, T]]:
         """Light tenants' rows alone if any wait beside heavy ones (every other batch), else deficit round-robin."""

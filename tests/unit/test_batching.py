@@ -90,11 +90,25 @@ def test_the_token_budget_follows_the_time_target():
         return b, rec
 
     b, rec = asyncio.run(main())
-    assert b.seconds_per_token is not None and b.token_budget() < 4000  # forwards ran over the 10 ms target
+    assert b.cost_model.fit() is not None and b.token_budget() < 4000  # forwards ran over the 10 ms target
     assert len(rec.batches[0]) == 40  # before any measurement: the configured budget
     sizes = [len(batch) for batch in rec.batches]
     assert all(n <= 20 for n in sizes[1:]) and sizes[-2] < sizes[1]  # then the budget shrinks towards 10 rows
     assert FairBatcher(rec, max_batch_size=8, max_batch_tokens=400, wait_timeout_s=0).token_budget() == 400
+
+
+def test_the_cost_model_separates_fixed_overhead_from_tokens():
+    from prefixserve.server.batching import ForwardCost
+
+    model = ForwardCost()
+    assert model.tokens_within(0.05) is None
+    for tokens in (5, 800, 5, 400, 1200, 5):  # light forwards between heavy ones
+        model.observe(tokens, 0.004 + 0.00005 * tokens)
+    fitted = model.fit()
+    assert fitted is not None
+    fixed, per_token = fitted
+    assert abs(fixed - 0.004) < 1e-4 and abs(per_token - 0.00005) < 1e-6
+    assert abs((model.tokens_within(0.05) or 0) - 920) <= 1  # (50 - 4 ms) / 0.05 ms; a per-token mean says ~60
 
 
 def test_token_estimate():
