@@ -232,7 +232,7 @@ def test_writer_overwriting_while_readers_read_never_tears(backend):
     threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 20  # stops as soon as enough has happened; a loaded box gets more time
     v = 1
     while time.monotonic() < deadline and (sum(reads) < 2000 or v < 60):
         v += 1
