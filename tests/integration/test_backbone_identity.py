@@ -26,6 +26,8 @@ from prefixserve.adapters.format import inspect_packed
 from prefixserve.adapters.synthetic import random_adapter
 from prefixserve.trainer.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; identical reductions across processes
+
 TEXTS = ["the movie was good", "bad plot terrible actors", "영화 최고 감동", "fun", "i hate this boring film"]
 
 # Loads the backbone and the packed adapter in a fresh interpreter; prints its engine logits, and the
@@ -52,15 +54,6 @@ SERVE = textwrap.dedent(
     }))
     """
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same thread count here and in the subprocess: identical reductions, bit-identical results."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

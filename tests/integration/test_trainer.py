@@ -20,6 +20,8 @@ from prefixserve.trainer.model import AdapterModel, collate, tokenize, tokenizer
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; identical reductions across processes
+
 TOL = 1e-5
 POS, NEG = ["good", "great", "fun", "best", "love"], ["bad", "terrible", "boring", "worst", "hate"]
 FILLER = ["the", "movie", "film", "plot", "actor", "story", "was", "it", "영화", "배우"]
@@ -48,15 +50,6 @@ def write_tsv(path, n=96, seed=0, extra: str = "") -> str:
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     return {"train": write_tsv(d / "train.tsv", 96, 0), "eval": write_tsv(d / "eval.tsv", 32, 1), "dir": d}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared 2-core machine (much faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import pytest
 from prefixserve.adapters.format import load_packed
 from prefixserve.server.main import build_parser, main
 from prefixserve.trainer.config import ExperimentConfig, PretrainConfig, TrainConfig
-from tests.integration.test_trainer import FILLER, NEG, POS, one_thread, write_tsv  # noqa: F401 (autouse fixture)
+from tests.integration.test_trainer import FILLER, NEG, POS, write_tsv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
