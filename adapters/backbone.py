@@ -1,8 +1,11 @@
 """The frozen shared encoder: load any BERT / RoBERTa / XLM-R from a hub id or a folder.
 
 Decisions:
-* Loaded with ``AutoModel`` in fp32, fingerprinted, then cast to the serving dtype, frozen and put
-  in eval mode on CUDA when available (else CPU).
+* Loaded with ``AutoModel`` in fp32 (transformers reads the config, the weights and the tokenizer),
+  fingerprinted, then copied into our :class:`~.encoder.PackedEncoder` (the transformers module is dropped),
+  cast to the serving dtype, frozen and put in eval mode on CUDA when available (else CPU).
+* Serving dtype ``auto``: bf16 where the hardware computes it natively (CUDA with bf16; CPUs with
+  AVX512-BF16 or AMX), else fp32 (bf16 emulated on AVX2 runs slower than fp32). Logits are float32 anyway.
 * **The same backbone is the same function in every process**: nothing freshly (randomly) initialised
   survives the load. RoBERTa-style checkpoints load with ``add_pooling_layer=False`` (their SEQ_CLS head
   does not use a pooler). A BERT checkpoint keeps its pooler only when every pooler tensor came from the
@@ -32,14 +35,13 @@ from pathlib import Path
 
 import torch
 
+from .encoder import SUPPORTED, PackedEncoder
 from .errors import BadRequestError
 from .format import BackboneSpec
 from .heads import ROBERTA_LIKE, expected_head_style
-from .virtual_tokens import max_text_tokens
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ROBERTA_LIKE | {"bert"}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -68,7 +70,7 @@ MIN_TEXT_TOKENS = 8  # an adapter must leave at least this many positions for re
 
 @dataclass
 class Backbone:
-    model: torch.nn.Module
+    encoder: PackedEncoder
     tokenizer: object
     name: str
     fingerprint: str
@@ -77,12 +79,12 @@ class Backbone:
 
     @property
     def config(self):
-        return self.model.config
+        return self.encoder.config
 
     @property
     def has_pooler(self) -> bool:
         """A pooler from the checkpoint (BERT with pooler weights); never a randomly initialised one."""
-        return getattr(self.model, "pooler", None) is not None
+        return self.encoder.pooler is not None
 
     @property
     def spec(self) -> BackboneSpec:
@@ -92,8 +94,8 @@ class Backbone:
             num_layers=c.num_hidden_layers,
             num_heads=c.num_attention_heads,
             hidden=c.hidden_size,
-            head_style=expected_head_style(self.model),
-            max_virtual_tokens=max_text_tokens(self.model, 0) - MIN_TEXT_TOKENS,
+            head_style=expected_head_style(self.encoder),
+            max_virtual_tokens=self.encoder.max_text_tokens(0) - MIN_TEXT_TOKENS,
             has_pooler=self.has_pooler,
         )
 
@@ -102,6 +104,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no way to tell cheaply, stay exact
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise BadRequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
 def compute_fingerprint(config, state: dict[str, torch.Tensor], from_checkpoint: set[str]) -> str:
@@ -141,11 +164,15 @@ def _save_fingerprint(folder: Path | None, fingerprint: str) -> None:
 
 
 def load_backbone(name_or_path: str, *, device: str = "auto", dtype: str = "float32") -> Backbone:
-    """Load, fingerprint, freeze. ``name_or_path`` is a hub id or a local folder."""
+    """Load, fingerprint, convert to the packed encoder, freeze. ``name_or_path`` is a hub id or a local folder.
+
+    ``dtype``: ``auto`` (the server's default, see :func:`resolve_dtype`) or a name in ``DTYPES``; the
+    trainer keeps the default float32.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise BadRequestError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in SUPPORTED:
         raise BadRequestError(f"backbone {name_or_path!r} is a {config.model_type!r}; supported: {sorted(SUPPORTED)}")
@@ -163,8 +190,7 @@ def load_backbone(name_or_path: str, *, device: str = "auto", dtype: str = "floa
     if fingerprint is None:
         fingerprint = compute_fingerprint(config, state, set(state) - missing)
         _save_fingerprint(folder, fingerprint)
-    dev = resolve_device(device)
-    model = model.to(device=dev, dtype=DTYPES[dtype]).eval()
-    model.requires_grad_(False)
+    encoder = PackedEncoder.from_hf(model).to_serving(dev, torch_dtype)
+    del model, state  # one copy of the weights: the packed encoder's
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return Backbone(model, tokenizer, str(name_or_path), fingerprint, dev, DTYPES[dtype])
+    return Backbone(encoder, tokenizer, str(name_or_path), fingerprint, dev, torch_dtype)

@@ -93,5 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--max-length", type=int, default=None, help="cap on tokens per row (default: all positions)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="serving dtype; auto: bf16 where the hardware has it natively, else float32 (logits are float32)",
+    )
     p.set_defaults(func=_predict)

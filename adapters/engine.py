@@ -1,8 +1,9 @@
 """Mixed-adapter batched inference: many tenants' rows, one backbone forward.
 
 Pipeline (LitServe's split, minus transport): rows -> tokenize (each row truncated to the room its
-adapter leaves) -> gather virtual tokens per row -> ONE :func:`virtual_tokens.encode` -> per-adapter
-heads on their rows -> per-row predictions. No storage, HTTP or Ray here: callers resolve adapters
+adapter leaves) -> pack the rows into one token stream, each with its own prefix K/V or prompt
+(:mod:`.packing`) -> ONE :class:`~.encoder.PackedEncoder` forward -> per-adapter heads (float32) on their
+rows' token 0 -> per-row predictions. No storage, HTTP or Ray here: callers resolve adapters
 (:meth:`Engine.adapter` caches them on the device) and hand over :class:`Row` objects.
 """
 
@@ -20,8 +21,8 @@ from .backbone import Backbone
 from .cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
+from .packing import prefix_to_kv
 from .ref import AdapterRef
-from .virtual_tokens import VirtualTokens, encode, max_text_tokens, prefix_to_kv, right_pad, text_room
 
 # What names a device adapter: a store version, or (offline job, benches) a local file path.
 AdapterKey = AdapterRef | str
@@ -33,7 +34,7 @@ class DeviceAdapter:
 
     key: AdapterKey
     meta: AdapterMeta
-    virtual: Tensor  # prefix: (layers, 2, heads, P, head_dim); prompt: (Q, hidden)
+    virtual: Tensor  # prefix: (layers, 2, P, heads, head_dim); prompt: (Q, hidden)
     head: ClassificationHead
     nbytes: int
 
@@ -84,16 +85,15 @@ class Engine:
 
     def __init__(self, backbone: Backbone, *, cache_bytes: int = DEFAULT_BUDGET_BYTES, max_length: int | None = None):
         self.backbone = backbone
-        self.model = backbone.model
+        self.encoder = backbone.encoder
         self.tokenizer: Any = backbone.tokenizer  # a transformers tokenizer (untyped call signature)
         self.device = backbone.device
         self.dtype = backbone.dtype
-        self.max_length = max_length or max_text_tokens(self.model, 0)
+        self.max_length = max_length or self.encoder.max_text_tokens(0)
         self.cache: AdapterCache[AdapterKey, DeviceAdapter] = AdapterCache(cache_bytes, lambda a: a.nbytes)
         c: PretrainedConfig = backbone.config
         self._layers: int = c.num_hidden_layers
         self._heads: int = c.num_attention_heads
-        self._hidden: int = c.hidden_size
 
     # ---- adapters -------------------------------------------------------------------------------
     def to_device(self, key: AdapterKey, adapter: AdapterFile | bytes) -> DeviceAdapter:
@@ -105,9 +105,10 @@ class Engine:
 
             check_compatible(adapter.meta, self.backbone.spec)
         virtual = adapter.virtual.to(self.device, self.dtype)  # (P, layers*2*H) or (Q, H)
-        if adapter.meta.kind == "prefix":
-            virtual = prefix_to_kv(virtual, self._layers, self._heads)  # (layers, 2, heads, P, hd), a view
-        head = ClassificationHead.from_tensors(adapter.head, copy=False).to(self.device, self.dtype).eval()
+        if adapter.meta.kind == "prefix":  # (layers, 2, P, heads, hd), contiguous: one slice per layer in a batch
+            virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()
+        # float32 heads (a few rows per batch): logits are float32 whatever the serving dtype
+        head = ClassificationHead.from_tensors(adapter.head, copy=False).to(self.device, torch.float32).eval()
         head.requires_grad_(False)
         nbytes = virtual.numel() * virtual.element_size() + sum(p.numel() * p.element_size() for p in head.parameters())
         return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)
@@ -118,10 +119,10 @@ class Engine:
 
     # ---- inference ------------------------------------------------------------------------------
     def room(self, adapter: DeviceAdapter) -> int:
-        return text_room(self.model, adapter.length, self.max_length)
+        return self.encoder.text_room(adapter.length, self.max_length)
 
-    def _tokenize(self, rows: list[Row]) -> tuple[Tensor, Tensor, Tensor, list[bool]]:
-        """Right-padded ids (B, T) with each row truncated to its own room; truncated flags.
+    def _tokenize(self, rows: list[Row]) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+        """Token ids and types per row (no padding), each row truncated to its own room; truncated flags.
 
         Single texts and pairs are tokenized in one call per group; only rows longer than their
         adapter's room are tokenized a second time, with truncation (which also tells us they were cut).
@@ -151,45 +152,30 @@ class Engine:
         for i, r in enumerate(rows):
             if truncated[i]:  # rooms differ per adapter: one call per overlong row
                 tokenize([i], truncation=True, max_length=self.room(r.adapter))
-        input_ids, attention, token_types = right_pad(ids, types, tok.pad_token_id)  # (B, T) x 3
-        return input_ids, attention, token_types, truncated
-
-    def _virtual(self, rows: list[Row], groups: dict[AdapterKey, list[int]]) -> VirtualTokens:
-        """Gather each row's prefix K/V (padded to the longest) and prompt (padded)."""
-        b, dev = len(rows), self.device
-        prefix_len = torch.tensor([r.adapter.length if r.adapter.kind == "prefix" else 0 for r in rows], device=dev)
-        prompt_len = torch.tensor([r.adapter.length if r.adapter.kind == "prompt" else 0 for r in rows], device=dev)
-        p_max, q_max = int(prefix_len.max()), int(prompt_len.max())
-        hd = self._hidden // self._heads
-        kv = torch.zeros(self._layers, 2, b, self._heads, p_max, hd, device=dev, dtype=self.dtype) if p_max else None
-        prompt = torch.zeros(b, q_max, self._hidden, device=dev, dtype=self.dtype) if q_max else None
-        for idx in groups.values():
-            a = rows[idx[0]].adapter
-            sel = torch.tensor(idx, device=dev)
-            if kv is not None and a.kind == "prefix":  # kv[:, :, rows, :, :P] <- (layers, 2, 1, heads, P, hd)
-                kv[:, :, sel, :, : a.length] = a.virtual.unsqueeze(2)
-            elif prompt is not None and a.kind == "prompt":  # prompt[rows, :Q] <- (1, Q, H)
-                prompt[sel, : a.length] = a.virtual.unsqueeze(0)
-        return VirtualTokens(kv, prefix_len, prompt, prompt_len)
+        return ids, types, truncated
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> tuple[list[Tensor], list[bool]]:
-        """Raw logits per row (each (C_row,)) and truncated flags, from ONE backbone forward."""
+        """Raw float32 logits per row (each (C_row,)) and truncated flags, from ONE encoder forward."""
         if not rows:
             return [], []
-        input_ids, attention, token_types, truncated = self._tokenize(rows)
+        ids, types, truncated = self._tokenize(rows)
+        batch = self.encoder.pack(
+            ids,
+            types,
+            prompts=[r.adapter.virtual if r.adapter.kind == "prompt" else None for r in rows],
+            prefixes=[r.adapter.virtual if r.adapter.kind == "prefix" else None for r in rows],
+        )
+        hidden = self.encoder(batch)  # (T, H): every real token of every row, no padding
+        first = self.encoder.first_tokens(hidden, batch).float()  # (B, 1, H): all heads (and poolers) read
+        pooler = self.encoder.pooler  # float32 (or None)
         groups: dict[AdapterKey, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
-        vt = self._virtual(rows, groups)
-        dev = self.device
-        out = encode(self.model, input_ids.to(dev), attention.to(dev), token_types.to(dev), vt)
-        first = out.last_hidden_state[:, :1]  # (B, 1, H): heads (and BERT's pooler) read token 0 only
-        pooler = getattr(self.model, "pooler", None)
         logits: dict[int, Tensor] = {}
         for idx in groups.values():
             head = rows[idx[0]].adapter.head
-            group_logits = head(first[idx], pooler).float().cpu()  # (n, C)
+            group_logits = head(first[idx], pooler).cpu()  # (n, C) float32
             for j, i in enumerate(idx):
                 logits[i] = group_logits[j]
         return [logits[i] for i in range(len(rows))], truncated

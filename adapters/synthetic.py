@@ -102,18 +102,28 @@ def make_backbone(
     seed: int = 0,
     pooler: bool = True,
 ) -> Path:
-    """Write a random ``arch`` (bert|roberta) encoder with an MLM head (and BERT's pooler) to ``out_dir``.
+    """Write a random ``arch`` (bert|roberta|xlm-roberta) encoder with an MLM head (and BERT's pooler) to ``out_dir``.
+
+    ``xlm-roberta`` is XLM-R's architecture with the RoBERTa-layout tokenizer (same special ids as XLM-R's
+    SentencePiece: ``<s>=0, <pad>=1, </s>=2, <unk>=3``).
 
     ``hidden=768, layers=12, heads=12, max_positions=514, vocab_size=32000`` gives klue/roberta-base's shape.
     ``pooler=False`` (BERT) leaves the pooler tensors out of the checkpoint, as multilingual-e5 and many
     sentence-transformers exports do; every other tensor is the same as with ``pooler=True`` for a seed.
     """
     import torch
-    from transformers import BertConfig, BertForPreTraining, RobertaConfig, RobertaForMaskedLM
+    from transformers import (
+        BertConfig,
+        BertForPreTraining,
+        RobertaConfig,
+        RobertaForMaskedLM,
+        XLMRobertaConfig,
+        XLMRobertaForMaskedLM,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(arch, size_hint=min(vocab_size, 512))
+    tokenizer = make_tokenizer("bert" if arch == "bert" else "roberta", size_hint=min(vocab_size, 512))
     vocab_size = max(vocab_size, len(tokenizer))
     common = _EncoderShape(
         vocab_size=vocab_size,
@@ -135,8 +145,13 @@ def make_backbone(
             pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=type_vocab_size or 1, **common
         )
         model = RobertaForMaskedLM(roberta_config)
+    elif arch == "xlm-roberta":
+        xlmr_config = XLMRobertaConfig(
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=type_vocab_size or 1, **common
+        )
+        model = XLMRobertaForMaskedLM(xlmr_config)
     else:
-        raise ValueError(f"arch must be 'bert' or 'roberta', got {arch!r}")
+        raise ValueError(f"arch must be 'bert', 'roberta' or 'xlm-roberta', got {arch!r}")
     if not pooler and arch == "bert":
         model.save_pretrained(out, state_dict={k: v for k, v in model.state_dict().items() if ".pooler." not in k})
     else:

@@ -113,8 +113,10 @@ class FairBatcher(Generic[R, T]):
         max_batch_tokens: int,
         wait_timeout_s: float,
         target_batch_s: float = 0.0,
+        on_formed: Callable[[int, int], None] | None = None,
     ):
         self._run_batch = run_batch
+        self._on_formed = on_formed  # (estimated tokens, token budget) of each batch: the Worker's metrics
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.wait_timeout_s = wait_timeout_s
@@ -127,6 +129,7 @@ class FairBatcher(Generic[R, T]):
         self._loop_task: asyncio.Task[None] | None = None
         self._light_last = False  # the previous batch was light-only: the next one is ordinary DRR
         self.batches = 0
+        self.last_budget = max_batch_tokens  # the token budget of the batch formed last
 
     # ---- producer side -----------------------------------------------------------------------------
     async def submit(self, tenant: str, rows: Sequence[R], costs: Sequence[int]) -> list[T]:
@@ -162,6 +165,8 @@ class FairBatcher(Generic[R, T]):
             if not batch:
                 continue
             self.batches += 1
+            if self._on_formed is not None:
+                self._on_formed(sum(item.cost for item in batch), self.last_budget)
             t0 = time.perf_counter()
             try:
                 results = await self._run_batch([item.row for item in batch])
@@ -191,6 +196,7 @@ class FairBatcher(Generic[R, T]):
 
     def next_batch(self) -> list[_Item[R, T]]:
         """Light tenants' rows alone if any wait beside heavy ones (every other batch), else deficit round-robin."""
+        self.last_budget = self.token_budget()
         light = self._light_batch() if not self._light_last else []
         self._light_last = bool(light)
         return light or self._drr_batch()
@@ -212,7 +218,7 @@ class FairBatcher(Generic[R, T]):
     def _drr_batch(self) -> list[_Item[R, T]]:
         """Take rows by deficit round-robin until the row or token budget is spent."""
         batch: list[_Item[R, T]] = []
-        budget = self.token_budget()
+        budget = self.last_budget = self.token_budget()
         rows_left, tokens_left = self.max_batch_size, budget
         while self._order and rows_left > 0 and tokens_left > 0:
             tenant = self._order.popleft()

@@ -153,7 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="autoscaling target ongoing requests per replica (default: --max-batch-size)",
     )
     p.add_argument("--device", default=d.device, help=_help("device"))
-    p.add_argument("--dtype", default=d.dtype, help=_help("dtype"))
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"], help=_help("dtype"))
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help=_help("max_batch_size"))
     p.add_argument(
         "--batch-wait-ms", type=float, default=d.batch_wait_timeout_s * 1000.0, help="how long a batch waits to fill"

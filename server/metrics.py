@@ -29,9 +29,11 @@ from prefixserve.adapters.cache import CacheStats
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ADAPTER_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+FILL_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STALE_S = 600.0
-HISTOGRAMS = ("batch_rows", "batch_adapters", "fetch_seconds", "forward_seconds")
+HISTOGRAMS = ("batch_rows", "batch_adapters", "batch_tokens", "batch_fill", "fetch_seconds", "forward_seconds")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class WorkerSnapshot:
     cache: CacheStats
     batch_rows: HistSnapshot
     batch_adapters: HistSnapshot
+    batch_tokens: HistSnapshot
+    batch_fill: HistSnapshot
     fetch_seconds: HistSnapshot
     forward_seconds: HistSnapshot
     fetch_errors: int
@@ -90,6 +94,8 @@ class WorkerStats:
         self.replica = replica
         self.batch_rows = Hist(ROW_BUCKETS)
         self.batch_adapters = Hist(ADAPTER_BUCKETS)
+        self.batch_tokens = Hist(TOKEN_BUCKETS)  # estimated tokens per forward
+        self.batch_fill = Hist(FILL_BUCKETS)  # estimated tokens / the token budget when the batch was formed
         self.fetch_seconds = Hist(SECONDS_BUCKETS)
         self.forward_seconds = Hist(SECONDS_BUCKETS)
         self.fetch_errors = 0
@@ -103,6 +109,11 @@ class WorkerStats:
             self._ray["rows"].observe(rows)
             self._ray["adapters"].observe(adapters)
 
+    def formed(self, tokens: int, budget: int) -> None:
+        """A batch was formed with ``tokens`` (estimated) under a budget of ``budget`` tokens."""
+        self.batch_tokens.observe(tokens)
+        self.batch_fill.observe(min(1.0, tokens / max(1, budget)))
+
     def fetch(self, seconds: float, ok: bool = True) -> None:
         self.fetch_seconds.observe(seconds)
         self.fetch_errors += 0 if ok else 1
@@ -115,6 +126,8 @@ class WorkerStats:
             cache=CacheStats(**cache.to_dict()),  # a copy: the live one keeps counting
             batch_rows=self.batch_rows.snapshot(),
             batch_adapters=self.batch_adapters.snapshot(),
+            batch_tokens=self.batch_tokens.snapshot(),
+            batch_fill=self.batch_fill.snapshot(),
             fetch_seconds=self.fetch_seconds.snapshot(),
             forward_seconds=self.forward_seconds.snapshot(),
             fetch_errors=self.fetch_errors,
@@ -226,6 +239,12 @@ class _SnapshotCollector:
             ),
             "batch_adapters": HistogramMetricFamily(
                 "prefixserve_batch_adapters", "distinct adapters per forward", labels=["replica"]
+            ),
+            "batch_tokens": HistogramMetricFamily(
+                "prefixserve_batch_tokens", "estimated tokens per backbone forward", labels=["replica"]
+            ),
+            "batch_fill": HistogramMetricFamily(
+                "prefixserve_batch_fill", "share of the token budget a forward used", labels=["replica"]
             ),
             "fetch_seconds": HistogramMetricFamily(
                 "prefixserve_store_fetch_seconds", "store fetch + device load latency", labels=["replica"]

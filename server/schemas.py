@@ -13,7 +13,7 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,7 +71,10 @@ class AppSettings(BatchingConfig):
         description="file:///path | redis://host:6379/0 | memory://",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: str = Field("float32", description="float32 | float16 | bfloat16")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, else float32 (logits are float32)",
+    )
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, gt=0, description="device adapter cache budget per Worker replica")
     replicas: int = Field(
         1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"), description="fixed Worker replicas"

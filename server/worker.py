@@ -19,7 +19,9 @@ Decisions:
   row is queued. If a forward still fails, the batch is bisected so that only the failing rows
   report an error (and only as ``internal`` with an incident id: no exception text leaves the replica).
 * The fetched bytes must hash to the ref's sha256: a name deleted and re-created (its version
-  numbers start over) can never be answered with the old owner's adapter.
+  numbers start over) can never be answered with the old owner's adapter. They are hashed once, by
+  the store (``AdapterReader.get`` returns only bytes that match the record it returns); the Worker
+  compares that record's digest with the ref's. Hashing 3.8 MB again cost 2.5 ms of the 5 ms budget.
 * Nothing is raised through the handle: a :class:`ClassifyReply` carries errors as values.
 * ``max_batch_size``, ``max_batch_tokens`` and ``batch_wait_timeout_s`` come from ``user_config``
   (``reconfigure``), so they can be changed on a running deployment without restarting replicas.
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class Worker:
             max_batch_tokens=settings.max_batch_tokens,
             wait_timeout_s=settings.batch_wait_timeout_s,
             target_batch_s=settings.target_batch_ms / 1000.0,
+            on_formed=self.stats.formed,
         )
         self._subscription = self.store.subscribe(self._on_change)  # last: the callback uses the above
         log.info(
@@ -152,8 +154,8 @@ class Worker:
     # ---- adapters ---------------------------------------------------------------------------------
     def _fetch(self, ref: AdapterRef) -> bytes:
         """The bytes ``ref`` names, or NotFoundError: a re-created name's version may hold other bytes."""
-        info, data = self.store.get(ref.tenant, ref.prefix_id, ref.version)
-        if info.sha256 != ref.sha256 or hashlib.sha256(data).hexdigest() != ref.sha256:
+        info, data = self.store.get(ref.tenant, ref.prefix_id, ref.version)  # checked against info.sha256
+        if info.sha256 != ref.sha256 or info.size != len(data):
             raise NotFoundError(f"version {ref.version} of adapter {ref.prefix_id!r} not found")
         return data
 

@@ -3,6 +3,6 @@
 
 Modules: :mod:`.config` (the three configs, composed from shared option parts: each default written once,
 the CLI generated from them), :mod:`.data` (files -> labelled examples), :mod:`.model` (the trainable wrapper
-over ``adapters.virtual_tokens.encode``), :mod:`.train`, :mod:`.pretrain`, :mod:`.experiment`, :mod:`.cli`.
+over ``adapters.encoder.PackedEncoder``), :mod:`.train`, :mod:`.pretrain`, :mod:`.experiment`, :mod:`.cli`.
 Torch is imported lazily by the CLI handlers.
 """

@@ -88,7 +88,7 @@ def run_table1(cfg: ExperimentConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(cfg.backbone, device=cfg.device)
-    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    backbone_params = sum(p.numel() for p in backbone.encoder.parameters())
     rows, skipped = plan(cfg, backbone.spec.max_virtual_tokens)
     results: list[dict[str, Any]] = []
     for name, over in rows:

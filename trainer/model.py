@@ -1,7 +1,8 @@
 """The trainable wrapper: frozen shared encoder + trainable virtual tokens + classification head.
 
-The forward pass goes through :func:`prefixserve.adapters.virtual_tokens.encode` - the very function the
-serving engine runs - so what is trained is exactly what is served (no second attention implementation).
+The forward pass goes through :class:`prefixserve.adapters.encoder.PackedEncoder` on packed batches - the very
+encoder the serving engine runs, with autograd - so what is trained is exactly what is served (no second
+attention implementation, no padding).
 
 Decisions:
 * The encoder stays in **eval mode** even while training (``train()`` is overridden): it is frozen and
@@ -32,11 +33,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from prefixserve.adapters.encoder import PackedEncoder
 from prefixserve.adapters.format import dump_packed
 from prefixserve.adapters.heads import ClassificationHead, expected_head_style
+from prefixserve.adapters.packing import prefix_to_kv
 from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
 from prefixserve.adapters.prompt import PromptConfig, PromptEncoder
-from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, right_pad
 
 from .config import DEFAULT_NUM_VIRTUAL_TOKENS, PrefixOptions, TrainConfig
 
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from .data import Example
 
 TokenizedRow = tuple[list[int], list[int], int]  # (input_ids, token_type_ids, label index)
-Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # input_ids, attention_mask, token_type_ids (B, T); labels (B,)
+Batch = tuple[list[list[int]], list[list[int]], Tensor]  # each row's input_ids and token_type_ids; labels (B,)
 
 
 def encoder_config(encoder: nn.Module) -> PretrainedConfig:
@@ -74,11 +76,11 @@ def tokenizer_of(backbone: Backbone) -> PreTrainedTokenizerBase:
 
 
 class AdapterModel(nn.Module):
-    """``forward(input_ids, attention_mask, token_type_ids) -> logits (B, C)``."""
+    """``forward(input_ids per row, token_type_ids per row) -> logits (B, C)``; rows are packed, never padded."""
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: PackedEncoder,
         num_labels: int,
         *,
         kind: str | None = TrainConfig.kind,
@@ -149,27 +151,19 @@ class AdapterModel(nn.Module):
         }
         return {k: [p for p in v if p.requires_grad] for k, v in groups.items()}
 
-    def virtual_tokens(self, batch: int, device: torch.device) -> VirtualTokens | None:
-        if self.virtual is None:
-            return None
-        n = self.num_virtual_tokens
-        lengths = torch.full((batch,), n, dtype=torch.long, device=device)  # (B,)
-        zeros = torch.zeros_like(lengths)
-        flat = self.virtual()  # prefix: (P, layers*2*H); prompt: (Q, H)
-        if self.kind == "prefix":
-            kv = prefix_to_kv(flat, self.layers, self.heads)  # (layers, 2, heads, P, hd)
-            kv = kv.unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)  # (layers, 2, B, heads, P, hd)
-            return VirtualTokens(kv, lengths, None, zeros)
-        prompt = flat.unsqueeze(0).expand(batch, -1, -1)  # (B, Q, H)
-        return VirtualTokens(None, zeros, prompt, lengths)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        batch = input_ids.shape[0]  # input_ids: (B, T)
-        vt = self.virtual_tokens(batch, input_ids.device)
-        out = encode(self.encoder, input_ids, attention_mask, token_type_ids, vt)
-        hidden = out.last_hidden_state  # (B, S, H); S = Q + T for a prompt, T otherwise
-        first = self.dropout(hidden[:, :1])  # (B, 1, H): token 0 is all either head reads
-        return self.head(first, getattr(self.encoder, "pooler", None))  # (B, C)
+    def forward(self, ids: list[list[int]], types: list[list[int]] | None = None) -> Tensor:
+        b = len(ids)
+        prompts = prefixes = None
+        if self.virtual is not None:
+            flat = self.virtual()  # prefix: (P, layers*2*H); prompt: (Q, H)
+            if self.kind == "prefix":
+                prefixes = [prefix_to_kv(flat, self.layers, self.heads)] * b  # (layers, 2, P, heads, hd), shared
+            else:
+                prompts = [flat] * b  # (Q, H), shared
+        batch = self.encoder.pack(ids, types, prompts=prompts, prefixes=prefixes)
+        hidden = self.encoder(batch)  # (T, H): real tokens only; a prompt row starts with its prompt
+        first = self.dropout(self.encoder.first_tokens(hidden, batch))  # (B, 1, H): token 0 is all either head reads
+        return self.head(first, self.encoder.pooler)  # (B, C)
 
     # ---- export ---------------------------------------------------------------------------------
     def peft_config(self, base_model: str = "") -> dict[str, object]:
@@ -202,30 +196,15 @@ class AdapterModel(nn.Module):
 
 
 @torch.no_grad()
-def token_activations(encoder: nn.Module, num_tokens: int, gen: torch.Generator) -> Tensor:
+def token_activations(encoder: PackedEncoder, num_tokens: int, gen: torch.Generator) -> Tensor:
     """Prefix init from real activations (Li & Liang 2021): the keys/values the frozen encoder computes for
     ``num_tokens`` random vocabulary tokens, in PEFT's flat layout (P, layers*2*hidden)."""
     vocab = word_embeddings(encoder).num_embeddings
-    ids = torch.randint(min(1000, vocab // 2), vocab, (1, num_tokens), generator=gen)  # (1, P)
-    num_layers: int = encoder_config(encoder).num_hidden_layers
-    captured: dict[tuple[int, int], Tensor] = {}
-    hooks = []
-    for i in range(num_layers):
-        for j, name in enumerate(("key", "value")):
-            proj = encoder.get_submodule(f"encoder.layer.{i}.attention.self.{name}")
-            hooks.append(
-                proj.register_forward_hook(
-                    lambda _m, _inp, out, key=(i, j): captured.__setitem__(key, out[0].detach().float().cpu())
-                )
-            )
-    try:
-        device = next(encoder.parameters()).device
-        encoder(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    kv = torch.stack([torch.stack([captured[(i, 0)], captured[(i, 1)]]) for i in range(num_layers)])  # (L, 2, P, H)
-    return kv.permute(2, 0, 1, 3).reshape(num_tokens, -1).contiguous()  # (P, layers*2*H)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (num_tokens,), generator=gen).tolist()  # (P,)
+    captured: list[tuple[Tensor, Tensor]] = []  # per layer: key, value (P, heads, hd)
+    encoder(encoder.pack([ids]), kv_out=captured)
+    kv = torch.stack([torch.stack([k, v]) for k, v in captured]).float().cpu()  # (L, 2, P, heads, hd)
+    return kv.flatten(3).permute(2, 0, 1, 3).reshape(num_tokens, -1).contiguous()  # (P, layers*2*H)
 
 
 # ---- tokenisation and batches -------------------------------------------------------------------
@@ -252,21 +231,12 @@ def tokenize(
     return [(i, t, index[e.label]) for i, t, e in zip(ids, types, examples)]
 
 
-def collate(rows: Sequence[TokenizedRow], pad_id: int, device: torch.device | str) -> Batch:
-    """Right-pad to the longest row: (input_ids, attention_mask, token_type_ids) (B, T), labels (B,)."""
-    ids, mask, types = right_pad([r[0] for r in rows], [r[1] for r in rows], pad_id)  # (B, T) x 3
-    labels = torch.tensor([r[2] for r in rows], dtype=torch.long)  # (B,)
-    return ids.to(device), mask.to(device), types.to(device), labels.to(device)
-
-
 def batches(
-    rows: Sequence[TokenizedRow],
-    batch_size: int,
-    pad_id: int,
-    device: torch.device | str,
-    generator: torch.Generator | None = None,
+    rows: Sequence[TokenizedRow], batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
 ) -> Iterator[Batch]:
-    """Yield collated batches; shuffled with ``generator`` when given (seeded, reproducible)."""
+    """Yield (ids per row, types per row, labels (B,)); shuffled with ``generator`` when given (seeded)."""
     order = torch.randperm(len(rows), generator=generator).tolist() if generator is not None else list(range(len(rows)))
     for start in range(0, len(order), batch_size):
-        yield collate([rows[i] for i in order[start : start + batch_size]], pad_id, device)
+        chunk = [rows[i] for i in order[start : start + batch_size]]
+        labels = torch.tensor([r[2] for r in chunk], dtype=torch.long, device=device)  # (B,)
+        yield [r[0] for r in chunk], [r[1] for r in chunk], labels

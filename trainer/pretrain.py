@@ -4,8 +4,9 @@ After "Pre-trained Prefix Prompting": the backbone (encoder AND its MLM head) st
 is trained to make the frozen MLM better at predicting masked tokens of an in-domain corpus. The result seeds
 task prefixes (``prefixserve train --init-from``).
 
-The encoder of ``AutoModelForMaskedLM`` (``.bert`` / ``.roberta``) runs through the shared
-:func:`virtual_tokens.encode`; its LM head (``.cls`` / ``.lm_head``) maps hidden states to vocabulary logits.
+The served encoder (:class:`~prefixserve.adapters.encoder.PackedEncoder`, packed batches) computes the hidden
+states; the checkpoint's LM head (``.cls`` / ``.lm_head`` of ``AutoModelForMaskedLM``) maps the masked tokens'
+states (only those) to vocabulary logits.
 A checkpoint without MLM-head weights (e.g. a sentence-embedding model) is refused with ``no_mlm_head``.
 
 Masking (BERT's recipe): ``mlm_prob`` of the non-special tokens of each line are chosen; 80 % become
@@ -93,7 +94,8 @@ def mask_tokens(
 
 def _batches(
     encoded: Sequence[EncodedLine], batch_size: int, pad_id: int, order: list[int]
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """(ids (B, T), special (B, T), lengths): padded only for masking; the encoder gets each row unpadded."""
     import torch
 
     for start in range(0, len(order), batch_size):
@@ -104,7 +106,7 @@ def _batches(
         for i, (x, s) in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             special[i, : len(x)] = torch.tensor(s, dtype=torch.bool)
-        yield ids, special
+        yield ids, special, [len(r[0]) for r in rows]
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -114,8 +116,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from prefixserve.adapters.backbone import load_backbone
+    from prefixserve.adapters.packing import prefix_to_kv
     from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
-    from prefixserve.adapters.virtual_tokens import VirtualTokens, encode, prefix_to_kv, text_room
 
     from .model import encoder_config, tokenizer_of
 
@@ -123,8 +125,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(cfg.backbone, device=cfg.device)  # fingerprint + tokenizer of the served encoder
     device = backbone.device
-    mlm, lm_head = load_mlm(cfg.backbone, device)
-    encoder, tok = mlm.base_model, tokenizer_of(backbone)
+    mlm, lm_head = load_mlm(cfg.backbone, device)  # only its LM head is used: the encoder is the served one
+    encoder, tok = backbone.encoder, tokenizer_of(backbone)
     lines = [ln.strip() for ln in Path(cfg.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         raise BadRequestError(f"corpus {cfg.corpus!r} has no non-empty line", code="empty_dataset")
@@ -138,32 +140,30 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.encoder_hidden_size,
     )
     prefix = PrefixEncoder(pc).to(device)
-    room = text_room(encoder, cfg.num_virtual_tokens, cfg.max_length)
+    room = encoder.text_room(cfg.num_virtual_tokens, cfg.max_length)
     enc = tok(lines, truncation=True, max_length=room, return_special_tokens_mask=True)
     encoded = list(zip(enc["input_ids"], enc["special_tokens_mask"]))
     vocab: int = encoder_config(mlm).vocab_size
 
-    def mlm_loss(ids: torch.Tensor, special: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        inputs, labels = mask_tokens(ids, special, tok.mask_token_id, vocab, cfg.mlm_prob, gen)
-        inputs, labels = inputs.to(device), labels.to(device)
-        mask = (ids != tok.pad_token_id).long().to(device)  # (B, T)
-        b = ids.shape[0]
-        kv = prefix_to_kv(prefix(), c.num_hidden_layers, c.num_attention_heads)  # (layers, 2, heads, P, hd)
-        kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # (layers, 2, B, heads, P, hd)
-        plen = torch.full((b,), cfg.num_virtual_tokens, dtype=torch.long, device=device)  # (B,)
-        vt = VirtualTokens(kv, plen, None, torch.zeros_like(plen))
-        hidden = encode(encoder, inputs, mask, None, vt).last_hidden_state  # (B, T, H)
-        logits = lm_head(hidden)  # (B, T, V)
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+    def mlm_loss(ids: torch.Tensor, special: torch.Tensor, lengths: list[int], gen: torch.Generator) -> torch.Tensor:
+        inputs, labels = mask_tokens(ids, special, tok.mask_token_id, vocab, cfg.mlm_prob, gen)  # (B, T) x 2
+        rows = [inputs[i, :n].tolist() for i, n in enumerate(lengths)]
+        targets = torch.cat([labels[i, :n] for i, n in enumerate(lengths)]).to(device)  # (T_real,) stream order
+        kv = prefix_to_kv(prefix(), c.num_hidden_layers, c.num_attention_heads)  # (layers, 2, P, heads, hd)
+        batch = encoder.pack(rows, prefixes=[kv] * len(rows))
+        hidden = encoder(batch)  # (T_real, H): no prompt, so stream slot = token
+        chosen = targets != -100  # (T_real,)
+        logits = lm_head(hidden[chosen])  # (M, V): the masked tokens only
+        return F.cross_entropy(logits.float(), targets[chosen])
 
     def fixed_loss() -> float:  # same lines, same masks every time
         gen = torch.Generator().manual_seed(cfg.seed + 7)
         losses = []
         with torch.no_grad():
-            for ids, special in _batches(
+            for ids, special, lengths in _batches(
                 encoded, cfg.batch_size, tok.pad_token_id, list(range(min(256, len(encoded))))
             ):
-                losses.append(float(mlm_loss(ids, special, gen)))
+                losses.append(float(mlm_loss(ids, special, lengths, gen)))
         return sum(losses) / len(losses)
 
     per_epoch = -(-len(encoded) // cfg.batch_size)
@@ -179,8 +179,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total, desc="pretrain", disable=not cfg.progress, file=sys.stderr, leave=False)
     while step < total:
         order = torch.randperm(len(encoded), generator=gen).tolist()
-        for ids, special in _batches(encoded, cfg.batch_size, tok.pad_token_id, order):
-            loss = mlm_loss(ids, special, gen)
+        for ids, special, lengths in _batches(encoded, cfg.batch_size, tok.pad_token_id, order):
+            loss = mlm_loss(ids, special, lengths, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(prefix.parameters(), 1.0)

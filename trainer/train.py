@@ -89,7 +89,6 @@ def evaluate(
     model: AdapterModel,
     rows: list[TokenizedRow],
     batch_size: int,
-    pad_id: int,
     device: torch.device | str,
     num_labels: int,
 ) -> tuple[dict[str, float], torch.Tensor]:
@@ -104,8 +103,8 @@ def evaluate(
     all_logits: list[torch.Tensor] = []
     loss_sum = 0.0
     with torch.inference_mode():
-        for ids, mask, types, labels in batches(rows, batch_size, pad_id, device):
-            logits = model(ids, mask, types).float()  # (B, C)
+        for ids, types, labels in batches(rows, batch_size, device):
+            logits = model(ids, types).float()  # (B, C)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             all_logits.append(logits.cpu())
     model.train(was_training)
@@ -154,7 +153,6 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     from prefixserve.adapters.backbone import load_backbone
-    from prefixserve.adapters.virtual_tokens import text_room
 
     from .data import load_datasets
     from .model import AdapterModel, batches, tokenize, tokenizer_of
@@ -184,11 +182,11 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
             )
     p = cfg.num_virtual_tokens or (init.shape[0] if init is not None else DEFAULT_NUM_VIRTUAL_TOKENS)
     p = p if cfg.kind else 0
-    room = text_room(backbone.model, p, cfg.max_length)
+    room = backbone.encoder.text_room(p, cfg.max_length)
     if room < 3:
         raise BadRequestError(f"--num-virtual-tokens {p} leaves no room for text on this backbone", code="too_long")
-    before = backbone_checksum(backbone.model)
-    encoder = copy.deepcopy(backbone.model) if cfg.train_backbone else backbone.model
+    before = backbone_checksum(backbone.encoder)
+    encoder = copy.deepcopy(backbone.encoder) if cfg.train_backbone else backbone.encoder
     model = AdapterModel(
         encoder,
         len(labels),
@@ -203,7 +201,6 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         prefix_init=cfg.prefix_init,
     )
     tokenizer = tokenizer_of(backbone)
-    pad_id = tokenizer.pad_token_id
     train_rows = tokenize(tokenizer, train_ds.examples, labels, room)
     eval_rows = tokenize(tokenizer, eval_ds.examples, labels, room) if eval_ds and len(eval_ds) else []
     steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
@@ -219,15 +216,15 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         model.train()
         t0, loss_sum, seen = time.time(), 0.0, 0
         bar = tqdm(
-            batches(train_rows, cfg.batch_size, pad_id, device, gen),
+            batches(train_rows, cfg.batch_size, device, gen),
             total=steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
             disable=not cfg.progress,
             file=sys.stderr,
             leave=False,
         )
-        for ids, mask, types, y in bar:
-            logits = model(ids, mask, types)  # (B, C)
+        for ids, types, y in bar:
+            logits = model(ids, types)  # (B, C)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -240,7 +237,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         record = {"epoch": epoch, "train_loss": loss_sum / max(1, seen), "epoch_time_s": time.time() - t0}
         if eval_rows:
-            m, _ = evaluate(model, eval_rows, cfg.batch_size * 2, pad_id, device, len(labels))
+            m, _ = evaluate(model, eval_rows, cfg.batch_size * 2, device, len(labels))
             record.update({"eval_" + k: v for k, v in m.items()})
             m_best = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
         else:  # no eval set: the last epoch is the one kept
@@ -259,13 +256,13 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
     model.eval()
     train_time = time.time() - started
 
-    if not cfg.train_backbone and backbone_checksum(backbone.model) != before:
+    if not cfg.train_backbone and backbone_checksum(backbone.encoder) != before:
         raise PrefixServeError("the frozen backbone changed during training", code="backbone_changed")
     packed = None
     if cfg.kind and not cfg.train_backbone:
         packed = model.export(labels, backbone.fingerprint, base_model=str(cfg.backbone))
     best_record = next(r for r in history if r["epoch"] == best["epoch"])
-    backbone_params = sum(p.numel() for p in backbone.model.parameters())
+    backbone_params = sum(p.numel() for p in backbone.encoder.parameters())
     log = {
         "args": {k: v for k, v in asdict(cfg).items()},
         "labels": labels,

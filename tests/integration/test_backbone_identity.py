@@ -43,9 +43,9 @@ SERVE = textwrap.dedent(
     engine = Engine(bb)
     adapter = engine.adapter("t/a@1", lambda: open(adapter_path, "rb").read())
     logits = engine.forward([Row(adapter, t) for t in texts])[0]
-    enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
+    enc = bb.tokenizer(texts)
     with torch.no_grad():
-        hidden = bb.model(**enc).last_hidden_state
+        hidden = bb.encoder(bb.encoder.pack(enc["input_ids"], enc.get("token_type_ids")))
     print(json.dumps({
         "fingerprint": bb.fingerprint,
         "has_pooler": bb.has_pooler,
@@ -71,14 +71,14 @@ def _returns(data: bytes) -> Callable[[], bytes]:
 
 
 def _hidden(bb, texts: list[str]) -> torch.Tensor:
-    enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
+    enc = bb.tokenizer(texts)
     with torch.no_grad():
-        return bb.model(**enc).last_hidden_state  # (B, T, H)
+        return bb.encoder(bb.encoder.pack(enc["input_ids"], enc.get("token_type_ids")))  # (T, H), packed
 
 
 def test_a_checkpoint_without_pooler_weights_loads_without_a_pooler(pooler_less_bert, tiny_backbones):
     bb = load_backbone(pooler_less_bert, device="cpu")
-    assert bb.model.pooler is None and not bb.has_pooler  # no randomly initialised module survives the load
+    assert bb.encoder.pooler is None and not bb.has_pooler  # no randomly initialised module survives the load
     assert bb.spec.has_pooler is False and bb.spec.head_style == "bert"  # still a BERT: PEFT's BERT head
     with_pooler = load_backbone(tiny_backbones["bert"], device="cpu")
     assert with_pooler.has_pooler and with_pooler.spec.has_pooler and with_pooler.spec.head_style == "bert"
@@ -89,15 +89,15 @@ def test_fingerprint_says_whether_the_pooler_is_there(pooler_less_bert, tiny_bac
     without = load_backbone(pooler_less_bert, device="cpu")
     with_pooler = load_backbone(tiny_backbones["bert"], device="cpu")
     assert without.fingerprint != with_pooler.fingerprint
-    encoder = {k: v for k, v in with_pooler.model.state_dict().items() if not k.startswith("pooler.")}
-    assert all(torch.equal(v, without.model.state_dict()[k]) for k, v in encoder.items())
-    assert set(without.model.state_dict()) == set(encoder)
+    encoder = {k: v for k, v in with_pooler.encoder.state_dict().items() if not k.startswith("pooler.")}
+    assert all(torch.equal(v, without.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert set(without.encoder.state_dict()) == set(encoder)
 
 
 def test_loading_twice_gives_the_same_function(pooler_less_bert):
     a, b = (load_backbone(pooler_less_bert, device="cpu") for _ in range(2))
     assert a.fingerprint == b.fingerprint
-    sa, sb = a.model.state_dict(), b.model.state_dict()
+    sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(_hidden(a, TEXTS), _hidden(b, TEXTS))
 

@@ -31,13 +31,16 @@ def _returns(packed: bytes) -> Callable[[], bytes]:
     return lambda: packed
 
 
-@pytest.fixture(scope="module", params=["roberta", "bert", "bert-no-pooler"])
+@pytest.fixture(scope="module", params=["roberta", "bert", "bert-no-pooler", "xlm-roberta"])
 def setup(request, tiny_backbones, tmp_path_factory):
     """``bert-no-pooler``: a checkpoint without pooler weights; PEFT trains and saves the pooler with the head
     (``modules_to_save``), so PEFT's reference and our engine both use the adapter's pooler, never a random one."""
     arch = request.param
     no_pooler = arch == "bert-no-pooler"
-    bdir = request.getfixturevalue("pooler_less_bert") if no_pooler else tiny_backbones[arch]
+    if arch == "xlm-roberta":
+        bdir = request.getfixturevalue("tiny_xlmr")
+    else:
+        bdir = request.getfixturevalue("pooler_less_bert") if no_pooler else tiny_backbones[arch]
     backbone = load_backbone(bdir)
     assert backbone.has_pooler == (arch == "bert")
     engine = Engine(backbone)

@@ -14,9 +14,8 @@ from prefixserve.adapters.engine import Engine, Row
 from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchError, PrefixServeError
 from prefixserve.adapters.format import load_packed
 from prefixserve.adapters.peft_io import unpack
-from prefixserve.adapters.virtual_tokens import text_room
 from prefixserve.trainer.data import Example, load_datasets, read_examples
-from prefixserve.trainer.model import AdapterModel, collate, tokenize, tokenizer_of, word_embeddings
+from prefixserve.trainer.model import AdapterModel, tokenize, tokenizer_of, word_embeddings
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 
@@ -148,15 +147,15 @@ def test_formats_labels_and_bad_rows(tmp_path):
 def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones, all_backbones, data, tmp_path):
     bb, bdir = backbones[arch], all_backbones[arch]
     classifier_weight = "base_model.classifier." + ("out_proj.weight" if arch == "roberta" else "weight")
-    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    before = {k: v.clone() for k, v in bb.encoder.state_dict().items()}
     out = tmp_path / "a.safetensors"
     res = train(cfg(bdir, data, kind=kind, prefix_projection=projection, out=str(out), epochs=2), backbone=bb)
 
     # only the adapter changed (backbone bitwise identical)
-    after = bb.model.state_dict()
+    after = bb.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     fresh = AdapterModel(
-        bb.model, 2, kind=kind, num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16, seed=42
+        bb.encoder, 2, kind=kind, num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=16, seed=42
     )
     assert not torch.equal(fresh.virtual.materialise(), res.model.virtual.materialise())
     assert not torch.equal(fresh.head.peft_state()[classifier_weight], res.model.head.peft_state()[classifier_weight])
@@ -180,11 +179,10 @@ def test_train_export_matches_engine_and_peft(arch, kind, projection, backbones,
     assert {"eval_accuracy", "eval_macro_f1"} <= set(log["epochs"][0])
 
     # trainer's own eval forward == engine (mixed with another tenant) == PEFT
-    room = text_room(bb.model, 4, None)
+    room = bb.encoder.text_room(4, None)
     rows = tokenize(bb.tokenizer, [Example(t, "0") for t in TEXTS], res.labels, room)
-    ids, mask, types, _ = collate(rows, bb.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        mine = res.model.eval()(ids, mask, types)  # (N, C)
+        mine = res.model.eval()([r[0] for r in rows], [r[1] for r in rows])  # (N, C)
     engine = Engine(bb)
     adapter = engine.adapter("t/a@1", lambda: packed)
 
@@ -220,29 +218,32 @@ def test_loss_decreases(kind, learnable, data):
 
     bb = load_backbone(learnable, device="cpu")
     res = train(cfg(learnable, data, kind=kind, epochs=8, head_lr=1e-2), backbone=bb)
-    start = AdapterModel(bb.model, 2, kind=kind, num_virtual_tokens=4, seed=42, prefix_init="tokens")
+    start = AdapterModel(bb.encoder, 2, kind=kind, num_virtual_tokens=4, seed=42, prefix_init="tokens")
     tokenizer = tokenizer_of(bb)
-    rows = tokenize(tokenizer, read_examples(data["train"]).examples, res.labels, text_room(bb.model, 4, 128))
-    before, _ = evaluate(start, rows, 64, tokenizer.pad_token_id, "cpu", 2)
-    after, _ = evaluate(res.model, rows, 64, tokenizer.pad_token_id, "cpu", 2)
+    rows = tokenize(tokenizer, read_examples(data["train"]).examples, res.labels, bb.encoder.text_room(4, 128))
+    before, _ = evaluate(start, rows, 64, "cpu", 2)
+    after, _ = evaluate(res.model, rows, 64, "cpu", 2)
     assert after["loss"] < before["loss"] - 0.02, (before, after)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
 
-def test_prefix_init_from_token_activations(backbones):
+def test_prefix_init_from_token_activations(backbones, all_backbones):
     """``prefix_init="tokens"``: the prefix starts as real keys/values, which match the layer's own K/V."""
     bb = backbones["roberta"]
-    model = AdapterModel(bb.model, 2, kind="prefix", num_virtual_tokens=3, prefix_init="tokens", seed=1)
+    model = AdapterModel(bb.encoder, 2, kind="prefix", num_virtual_tokens=3, prefix_init="tokens", seed=1)
     flat = model.virtual.materialise()  # (P, layers*2*H)
     assert flat.shape == (3, 2 * 2 * 32)
     kv = flat.view(3, 2, 2, 32)  # (P, layers, 2, H)
     ids = torch.randint(
         min(1000, bb.config.vocab_size // 2), bb.config.vocab_size, (1, 3), generator=torch.Generator().manual_seed(1)
     )
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(all_backbones["roberta"]).eval()  # the reference: transformers' own layer 0
     with torch.no_grad():
-        hidden0 = bb.model.embeddings(input_ids=ids)  # (1, P, H): input of layer 0
-        key0 = bb.model.encoder.layer[0].attention.self.key(hidden0)[0]  # (P, H)
-    assert torch.allclose(kv[:, 0, 0], key0, atol=1e-6)
+        hidden0 = hf.embeddings(input_ids=ids)  # (1, P, H): input of layer 0
+        key0 = hf.encoder.layer[0].attention.self.key(hidden0)[0]  # (P, H)
+    assert torch.allclose(kv[:, 0, 0], key0, atol=1e-5)
 
 
 def test_deterministic_for_a_seed(backbones, tiny_backbones, data):
@@ -263,13 +264,13 @@ def test_early_stopping_keeps_best_epoch(backbones, tiny_backbones, data):
 
 def test_full_fine_tuning_leaves_the_shared_backbone_alone(backbones, tiny_backbones, data):
     bb = backbones["bert"]
-    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    before = {k: v.clone() for k, v in bb.encoder.state_dict().items()}
     res = train(
         cfg(tiny_backbones["bert"], data, kind=None, train_backbone=True, backbone_lr=1e-3, epochs=1), backbone=bb
     )
     assert res.packed is None and res.log["trainable_params"]["backbone"] > 0
-    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
-    assert not torch.equal(word_embeddings(res.model.encoder).weight, word_embeddings(bb.model).weight)
+    assert all(torch.equal(before[k], v) for k, v in bb.encoder.state_dict().items())
+    assert not torch.equal(word_embeddings(res.model.encoder).weight, word_embeddings(bb.encoder).weight)
 
 
 # ---- pre-trained prefix -------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def test_init_from_round_trip_and_errors(pretrained, backbones, tiny_backbones, 
     bb = backbones["roberta"]
     init = load_prefix_init(str(out), bb)
     assert torch.equal(init, res["prefix"])
-    model = AdapterModel(bb.model, 2, kind="prefix", num_virtual_tokens=4, init=init)
+    model = AdapterModel(bb.encoder, 2, kind="prefix", num_virtual_tokens=4, init=init)
     assert torch.equal(model.virtual.materialise(), res["prefix"])  # training starts exactly there
     trained = train(
         cfg(tiny_backbones["roberta"], data, init_from=str(out), num_virtual_tokens=None, epochs=1), backbone=bb

@@ -35,7 +35,8 @@ def test_a_bystander_gets_into_the_next_batch_behind_a_flood():
         rec = Recorder(delay=0.01)
         b = make(rec)
         flood = asyncio.create_task(b.submit("flood", [("flood", i) for i in range(200)], [50] * 200))
-        await asyncio.sleep(0.005)  # the flood is queued and its first forward is running
+        while not rec.batches:  # the flood is queued and its first forward is running (no timing guess)
+            await asyncio.sleep(0)
         mine = await b.submit("bystander", [("bystander", 0)], [10])
         served_in = next(i for i, batch in enumerate(rec.batches) if ("bystander", 0) in batch)
         await flood
@@ -121,7 +122,8 @@ def test_light_tenants_go_first_but_cannot_starve_a_heavy_one():
         rec = Recorder(delay=0.005)
         b = make(rec, max_batch_size=16, max_batch_tokens=4000)
         heavy = asyncio.create_task(b.submit("heavy", [("heavy", i) for i in range(64)], [100] * 64))
-        await asyncio.sleep(0.002)  # the heavy backlog is queued, its first forward runs
+        while not rec.batches:  # the heavy backlog is queued and its first forward runs (no timing guess)
+            await asyncio.sleep(0)
         lights = [asyncio.create_task(b.submit(f"light{j}", [(f"light{j}", 0)], [10])) for j in range(3)]
         await asyncio.gather(heavy, *lights)
         return rec
@@ -133,3 +135,25 @@ def test_light_tenants_go_first_but_cannot_starve_a_heavy_one():
         not (all(t.startswith("light") for t, _ in a) and all(t.startswith("light") for t, _ in b))
         for a, b in zip(rec.batches, rec.batches[1:])
     )
+
+
+def test_each_batch_reports_its_tokens_and_budget():
+    from prefixserve.adapters.cache import CacheStats
+    from prefixserve.server.metrics import WorkerStats
+
+    formed: list[tuple[int, int]] = []
+    stats = WorkerStats("r1")
+
+    def on_formed(tokens: int, budget: int) -> None:
+        formed.append((tokens, budget))
+        stats.formed(tokens, budget)
+
+    async def main():
+        b = FairBatcher(Recorder(), max_batch_size=8, max_batch_tokens=400, wait_timeout_s=0.0, on_formed=on_formed)
+        await b.submit("t", [("t", i) for i in range(10)], [30] * 10)
+
+    asyncio.run(main())
+    assert formed == [(240, 400), (60, 400)]  # 8 rows x 30 tokens, then the 2 left
+    snap = stats.snapshot(CacheStats())
+    assert snap.batch_tokens.sum == 300 and sum(snap.batch_fill.counts) == 2
+    assert snap.batch_fill.counts[snap.batch_fill.bounds.index(0.6)] == 1  # 240/400 = 0.6
