@@ -23,6 +23,7 @@ from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
 from .packing import prefix_to_kv
 from .ref import AdapterRef
+from .transfer import to_device_tensors
 
 # What names a device adapter: a store version, or (offline job, benches) a local file path.
 AdapterKey = AdapterRef | str
@@ -104,11 +105,15 @@ class Engine:
             from .format import check_compatible
 
             check_compatible(adapter.meta, self.backbone.spec)
-        virtual = adapter.virtual.to(self.device, self.dtype)  # (P, layers*2*H) or (Q, H)
-        if adapter.meta.kind == "prefix":  # (layers, 2, P, heads, hd), contiguous: one slice per layer in a batch
+        # The parsed tensors view the packed bytes (zero-copy): each kept tensor gets its own memory exactly
+        # once (the K/V relayout, or copy=True), so a resident adapter never pins the whole file buffer.
+        prefix = adapter.meta.kind == "prefix"
+        virtual = to_device_tensors({"v": adapter.virtual}, self.device, self.dtype, copy=not prefix)["v"]
+        if prefix:  # (P, layers*2*H) -> (layers, 2, P, heads, hd), contiguous: one slice per layer in a batch
             virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()
         # float32 heads (a few rows per batch): logits are float32 whatever the serving dtype
-        head = ClassificationHead.from_tensors(adapter.head, copy=False).to(self.device, torch.float32).eval()
+        head_tensors = to_device_tensors(adapter.head, self.device, torch.float32, copy=True)
+        head = ClassificationHead.from_tensors(head_tensors, copy=False).eval()
         head.requires_grad_(False)
         nbytes = virtual.numel() * virtual.element_size() + sum(p.numel() * p.element_size() for p in head.parameters())
         return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)

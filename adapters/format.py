@@ -47,12 +47,12 @@ from typing import Any, TypeGuard
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .errors import AdapterTooLargeError, FingerprintMismatchError, InvalidAdapterError
 from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX, carries_pooler, head_shapes, head_style, split_head
+from .transfer import Buffer, tensors_from_buffer
 
 FORMAT = "prefixserve.adapter"
 FORMAT_VERSION = "1"
@@ -172,8 +172,9 @@ def _uints(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)  # bool is not an int here
 
 
-def read_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+def read_header(data: Buffer, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The safetensors header of ``data``, checked: framing, JSON, unique keys, dtypes, shapes and offsets."""
+    data = memoryview(data).cast("B")  # bytes, bytearray or a view: sliced without copying the body
     if len(data) > limits.max_bytes:
         raise AdapterTooLargeError(f"adapter is {len(data)} bytes; the limit is {limits.max_bytes}")
     if len(data) < 8:
@@ -187,7 +188,7 @@ def read_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if n > limits.max_header_bytes:
         raise _bad(f"safetensors header is {n} bytes; the cap is {limits.max_header_bytes}", "header_too_large")
     try:
-        text = data[8 : 8 + n].decode("utf-8")
+        text = str(data[8 : 8 + n], "utf-8")
     except UnicodeDecodeError as exc:
         raise _bad(f"safetensors header is not UTF-8: {exc}", "bad_header") from None
     header = strict_json(text, "safetensors header", "bad_header")
@@ -346,9 +347,14 @@ def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
         )
 
 
-def load_packed(data: bytes, *, expect: BackboneSpec | None = None, limits: Limits = DEFAULT_LIMITS) -> AdapterFile:
-    """Parse and fully validate a packed adapter; with ``expect``, also check it fits that backbone."""
-    meta = _metadata(read_header(data, limits))
+def load_packed(data: Buffer, *, expect: BackboneSpec | None = None, limits: Limits = DEFAULT_LIMITS) -> AdapterFile:
+    """Parse and fully validate a packed adapter; with ``expect``, also check it fits that backbone.
+
+    The tensors are views of ``data``, not copies (:mod:`.transfer`): read-only over ``bytes``, and
+    ``data`` must not be overwritten while they live.
+    """
+    header = read_header(data, limits)
+    meta = _metadata(header)
     if meta.get("format") != FORMAT:
         raise _bad(
             f"metadata 'format' must be {FORMAT!r} (use `prefixserve pack` on a PEFT folder)", "missing_metadata"
@@ -362,21 +368,18 @@ def load_packed(data: bytes, *, expect: BackboneSpec | None = None, limits: Limi
         raise _bad("adapter_config must be a JSON object", "bad_config")
     labels = check_labels(strict_json(_required(meta, "labels"), "metadata 'labels'", "bad_labels"), limits)
     fingerprint = check_fingerprint(meta.get("backbone"))
-    try:
-        tensors = st_load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise _bad(f"unreadable safetensors payload: {str(exc)[:200]}", "bad_tensors") from None
+    tensors = tensors_from_buffer(data, header, _DTYPES)  # zero-copy; refuses what safetensors refused
     shape = _check_tensors(config, tensors, labels, limits)
     am = AdapterMeta(
         peft_type=config["peft_type"], labels=tuple(labels), fingerprint=fingerprint, format_version=FORMAT_VERSION,
-        nbytes=len(data), **shape,
+        nbytes=memoryview(data).nbytes, **shape,
     )  # fmt: skip
     if expect is not None:
         check_compatible(am, expect)
     return AdapterFile(am, config, tensors)
 
 
-def inspect_packed(data: bytes, *, limits: Limits | None = None, expect: BackboneSpec | None = None) -> AdapterMeta:
+def inspect_packed(data: Buffer, *, limits: Limits | None = None, expect: BackboneSpec | None = None) -> AdapterMeta:
     """Validate a packed adapter (structure; and fit if ``expect``) and return its metadata."""
     return load_packed(data, expect=expect, limits=limits or DEFAULT_LIMITS).meta
 

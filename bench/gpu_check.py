@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {}
     py = sys.executable
     if not args.skip_tests:
-        tests = ["tests/integration/test_engine_parity.py", "tests/integration/test_packed_encoder.py"]
+        tests = [
+            "tests/integration/test_engine_parity.py",
+            "tests/integration/test_packed_encoder.py",
+            "tests/unit/test_transfer.py",
+        ]
         step("parity tests (CUDA fp32)", [py, "-m", "pytest", "-q", "-p", "no:warnings", *tests], 150, summary)
     t0 = time.perf_counter()
     summary["bf16 agreement"] = bf16_agreement()

@@ -208,7 +208,11 @@ class Subscription:
 
 @runtime_checkable
 class AdapterReader(Protocol):
-    """The read side: all a serving replica needs (it is told which version to serve)."""
+    """The read side: all a serving replica needs (it is told which version to serve).
+
+    ``get`` returns only bytes whose size and sha256 match the ``VersionInfo`` it returns (else
+    ``NotFoundError``): the Worker relies on it and does not hash them a second time.
+    """
 
     def head(self, tenant: str, prefix_id: str) -> VersionInfo: ...
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]: ...

@@ -189,7 +189,9 @@ class RedisStore(RedisTenants):
         ``version`` may be a kept version or one in its grace window. The blob's sha256 is checked
         against the record: a mismatch is logged and answered ``NotFoundError``, so the returned
         ``VersionInfo`` always describes the returned bytes. If the current blob was collected
-        between the two reads (newer puts in between), the pointer is read again.
+        between the two reads (newer puts in between), the pointer is read again. With ``version``
+        (a serving replica's cold load) the record and the blob come in one round trip: a blob key
+        never changes once its record exists, and the sha256 check catches any race anyway.
         """
         check_tenant(tenant), check_id(prefix_id)
         v = None if version is None else check_version(version)
@@ -197,17 +199,21 @@ class RedisStore(RedisTenants):
         for _ in range(8):
             if v is None:
                 raw = self._r.hget(self._k("a", tenant), prefix_id)
+                if raw is None:
+                    raise NotFoundError(missing)
+                info = VersionInfo.from_json(raw)
+                data = self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version))
             else:
                 pipe = self._r.pipeline(transaction=False)
                 pipe.hexists(self._k("a", tenant), prefix_id)  # a deleted adapter has no versions
                 pipe.hget(self._k("vs", tenant, prefix_id), str(v))
-                exists, raw = pipe.execute()
-                raw = raw if exists else None
-            if raw is None:
-                raise NotFoundError(missing)
-            info = VersionInfo.from_json(raw)
+                pipe.get(self._blob_prefix(tenant, prefix_id) + str(v))
+                exists, raw, data = pipe.execute()
+                if not exists or raw is None:
+                    raise NotFoundError(missing)
+                info = VersionInfo.from_json(raw)
             # cast: decode_responses is off, so a blob comes back as bytes (redis-py types it bytes | str)
-            data = cast("bytes | None", self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version)))
+            data = cast("bytes | None", data)
             if data is not None and info.matches(data):
                 return info, data
             if data is not None:

@@ -146,7 +146,7 @@ def validate_serve_config(cfg: dict) -> None:
         assert app["import_path"] == "prefixserve.server.app:build_app"
         assert set(app.get("args", {})) <= builder_args(), set(app["args"]) - builder_args()
         assert app["args"].get("device", "auto") in {"auto", "cpu", "cuda"}
-        assert app["args"].get("dtype", "float32") in {"float32", "float16", "bfloat16"}
+        assert app["args"].get("dtype", "auto") in {"auto", "float32", "float16", "bfloat16"}
         deployments = {d["name"]: d for d in app["deployments"]}
         assert set(deployments) == {"Ingress", "Worker"}, set(deployments)
         for d in deployments.values():
