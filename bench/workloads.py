@@ -98,13 +98,18 @@ def batch_texts(texts: list[str], rep: int, batch: int) -> list[str]:
 
 
 def backbone_only(backbone, texts: list[str], batch: int):
-    """Plain backbone: tokenize (padded) + one forward, no adapter, no head."""
-    model, tok, dev = backbone.model, backbone.tokenizer, backbone.device
+    """Plain backbone: our packed encoder with no adapter and no head (tokenize + pack + one forward).
+
+    The same encoder, packing and attention plan the engine uses, so ``mixed / backbone-only`` is the cost
+    of the adapters alone (prefix keys, gathering, heads, cache lookups).
+    """
+    encoder, tok = backbone.encoder, backbone.tokenizer
 
     @torch.inference_mode()
     def run(rep: int) -> int:
-        enc = tok(batch_texts(texts, rep, batch), padding=True, return_tensors="pt")
-        model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev))  # (B, T, H)
+        enc = tok(batch_texts(texts, rep, batch))  # no padding: the stream holds real tokens only
+        types = enc.get("token_type_ids")
+        encoder(encoder.pack(enc["input_ids"], types))  # (T, H)
         return batch
 
     return run
@@ -158,7 +163,7 @@ class PeftServer:
                 model.load_adapter(str(folder), adapter_name=f"t{i}")
         if model is None:
             raise ValueError("PeftServer needs at least one packed adapter")
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device, backbone.dtype).eval()  # the engine's dtype: a like-for-like comparison
         self.tenants = len(packed)
 
     def variant(self, texts: list[str], batch: int, tenants: int):
