@@ -38,7 +38,13 @@ def parse_args(argv=None):
         prog="python -m bench.server_load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common.add_common_args(p)
-    p.add_argument("--clients", type=int, default=None, help="closed-loop HTTP clients (quick 8, full 32)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="closed-loop HTTP clients (default 2 x max-batch-size: while one batch runs, the next one is waiting "
+        "in full; with clients = batch size every batch is half empty, which measures the clients, not the server)",
+    )
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument("--prefixes", type=int, default=None, help="prefixes per tenant (quick 2, full 4)")
     p.add_argument("--inputs", type=int, default=1, help="rows per classify request")
@@ -70,11 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(argv)
     q = args.quick
-    args.clients = args.clients or (8 if q else 32)
     args.prefixes = args.prefixes or (2 if q else 4)
     args.requests = args.requests or (600 if q else 20000)
     args.duration = args.duration or (25.0 if q else 120.0)
     args.max_batch_size = args.max_batch_size or (8 if q else 32)
+    args.clients = args.clients or 2 * args.max_batch_size
     args.reps = args.reps or (3 if q else 5)
     return args
 
@@ -172,6 +178,7 @@ def batch_stats(metrics_text: str) -> dict:
             "prefixserve_batch_adapters_sum",
             "prefixserve_batch_tokens_sum",
             "prefixserve_batch_fill_sum",
+            "prefixserve_forward_seconds_sum",
         ):
             if line.startswith(name + "{"):
                 sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -181,6 +188,7 @@ def batch_stats(metrics_text: str) -> dict:
         "adapters": sums.get("prefixserve_batch_adapters_sum", 0.0),
         "tokens": sums.get("prefixserve_batch_tokens_sum", 0.0),  # estimated tokens
         "fill": sums.get("prefixserve_batch_fill_sum", 0.0),  # share of the token budget, summed over forwards
+        "forward_s": sums.get("prefixserve_forward_seconds_sum", 0.0),
     }
 
 
@@ -319,9 +327,9 @@ def main(argv=None) -> int:
                     json={"prefix_id": prefix, "inputs": texts[:1]},
                     headers={"Authorization": f"Bearer {key}"},
                 ).raise_for_status()
-            before = batch_stats(c.get("/metrics").text)
+            before = batch_stats(c.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).text)
             server = closed_loop(url, jobs, texts, args)
-            after = batch_stats(c.get("/metrics").text)
+            after = batch_stats(c.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).text)
             forwards = after["forwards"] - before["forwards"]  # the load only (not set-up or warm-up)
             server["forwards_during_load"] = forwards
             server["mean_rows_per_forward"] = (after["rows"] - before["rows"]) / forwards if forwards else None
@@ -330,6 +338,9 @@ def main(argv=None) -> int:
             )
             server["mean_tokens_per_forward"] = (after["tokens"] - before["tokens"]) / forwards if forwards else None
             server["mean_token_budget_fill"] = (after["fill"] - before["fill"]) / forwards if forwards else None
+            # where a ratio below 1 goes: slower forwards (CPU shared with Ray, proxy, clients) or idle gaps
+            server["mean_forward_s"] = (after["forward_s"] - before["forward_s"]) / forwards if forwards else None
+            server["worker_busy_share"] = (after["forward_s"] - before["forward_s"]) / server["wall_s"]
             vis_versions = [random_packed(backbone, "prefix", 8, seed=9000 + i) for i in range(2)]
             replicas = set(server["replicas_seen"]) or {"?"}
             vis = visibility(c, jobs[0][0], jobs[0][1], vis_versions, replicas, args.visibility_reps)
@@ -407,7 +418,8 @@ def main(argv=None) -> int:
         f"p99 {s['p99_s'] * 1e3:.1f} ms, errors {s['errors']}, rows/forward {s['mean_rows_per_forward'] or 0:.2f} "
         f"(distinct adapters/forward {s['mean_adapters_per_forward'] or 0:.2f}, "
         f"est. tokens/forward {s.get('mean_tokens_per_forward') or 0:.0f}, "
-        f"token budget filled {100 * (s.get('mean_token_budget_fill') or 0):.0f}%)"
+        f"token budget filled {100 * (s.get('mean_token_budget_fill') or 0):.0f}%), "
+        f"forward mean {1e3 * (s.get('mean_forward_s') or 0):.0f} ms, Worker busy {100 * s['worker_busy_share']:.0f}%"
     )
     print(f"engine alone (batch {args.max_batch_size}): {eng_rows:.1f} rows/s, batch p50 {eng_p50 * 1e3:.1f} ms")
     print(
