@@ -393,6 +393,12 @@ def target(
     }
 
 
+def targets_section(targets: list[dict]) -> list[str]:
+    """A report's "## Targets" markdown block (met / missed, by how much)."""
+    rows = [fmt_target(t) for t in targets]
+    return ["## Targets", "", md_table(["target", "want", "measured", "status", "margin"], rows), ""]
+
+
 def fmt_target(t: dict) -> list[str]:
     unit = t["unit"]
     val = f"{t['measured']:.3f}{unit}" if unit == "x" else f"{t['measured']:.2f}{unit}"

@@ -27,14 +27,7 @@ def report(result: dict, out: Path) -> None:
         "",
     ]
     if result["targets"]:
-        lines += [
-            "## Targets",
-            "",
-            common.md_table(
-                ["target", "want", "measured", "status", "margin"], [common.fmt_target(t) for t in result["targets"]]
-            ),
-            "",
-        ]
+        lines += common.targets_section(result["targets"])
     for g in result["groups"]:
         lines += [
             f"## {g['kind']}, P={g['p']}, batch {g['batch']}, {g['tokens']} tokens",

@@ -69,14 +69,7 @@ def report(result: dict, out: Path) -> None:
     ]
     if setup["onnx_note"]:
         lines += [f"ONNX Runtime: {setup['onnx_note']}", ""]
-    lines += [
-        "## Targets",
-        "",
-        common.md_table(
-            ["target", "want", "measured", "status", "margin"], [common.fmt_target(t) for t in result["targets"]]
-        ),
-        "",
-    ]
+    lines += common.targets_section(result["targets"])
     lines += [f"- {t['name']}: {t['note']}" for t in result["targets"] if t.get("note")]
     lines += ["", "## Variants on the mix", "", _variant_table(main, mfu=True), ""]
     bf = result.get("bf16")
