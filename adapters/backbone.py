@@ -117,13 +117,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere."""
+    """``auto``: bf16 on CUDA GPUs with native bf16 (sm80+) and on CPUs with AVX512-BF16 / AMX, fp32 elsewhere."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise BadRequestError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda":  # native bf16 (and the flash varlen kernels) from Ampere (sm80) on
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 

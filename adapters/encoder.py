@@ -197,8 +197,11 @@ class PackedEncoder(nn.Module):
 
     @property
     def uses_varlen(self) -> bool:
-        """Variable-length flash attention: CUDA with a half dtype (its kernels have no fp32)."""
-        return self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        """Variable-length flash attention: CUDA sm80+ with a half dtype (its kernels have no fp32, no older GPUs);
+        anything else takes the grouped SDPA path."""
+        if self.device.type != "cuda" or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        return torch.cuda.get_device_capability(self.device) >= (8, 0)
 
     def pack(
         self,

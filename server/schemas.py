@@ -73,7 +73,7 @@ class AppSettings(BatchingConfig):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
-        description="auto: bf16 on GPUs with bf16 and CPUs with AVX512-BF16/AMX, else float32 (logits are float32)",
+        description="auto: bf16 on sm80+ GPUs and CPUs with AVX512-BF16/AMX, else float32 (logits are float32)",
     )
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, gt=0, description="device adapter cache budget per Worker replica")
     replicas: int = Field(

@@ -212,6 +212,11 @@ def test_dtype_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(backbone_module, "cpu_has_fast_bf16", lambda: True)
     assert backbone_module.resolve_dtype("auto", cpu) == torch.bfloat16  # AVX512-BF16 / AMX
     assert backbone_module.resolve_dtype("float32", cpu) == torch.float32
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100 / H200
+    assert backbone_module.resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4: no native bf16
+    assert backbone_module.resolve_dtype("auto", cuda) == torch.float32
     with pytest.raises(Exception, match="dtype"):
         backbone_module.resolve_dtype("int8", cpu)
 
