@@ -237,10 +237,6 @@ class PackedEncoder(nn.Module):
         return hidden[batch.first_slots].unsqueeze(1)
 
 
-def head_dim(config: PretrainedConfig) -> int:
-    return config.hidden_size // config.num_attention_heads
-
-
 def flops_per_token(config: PretrainedConfig) -> int:
     """Matmul FLOPs per real token for the linear layers (attention scores excluded): 2 * params."""
     h, i = config.hidden_size, config.intermediate_size

@@ -20,12 +20,14 @@ padded batch. The CPU default was chosen by measurement (``bench/attention_plan.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+# hook(layer, point, x_in, y) -> y: a per-row adapter kind at a named projection of the encoder
+Hook = Callable[[int, str, Tensor, Tensor], Tensor]
 DEFAULT_SLACK = 0.25  # CPU: rows of a group may pad up to 25% of their real keys (bench/attention_plan.py)
 
 
@@ -58,7 +60,7 @@ class PackedBatch:
     max_k: int
     groups: list[AttentionGroup] | None  # None: varlen attention over the whole stream
     group_order: Tensor | None  # (T,) long: stream slot -> row in the concatenated group outputs
-    hooks: list = field(default_factory=list)  # per-row adapter kinds at named points (see encoder)
+    hooks: list[Hook] = field(default_factory=list)  # per-row adapter kinds at named points (see encoder)
 
     @property
     def num_tokens(self) -> int:
@@ -91,18 +93,17 @@ def plan_groups(q_lens: list[int], k_lens: list[int], slack: float) -> list[list
     within ``(1 + slack)`` of its real keys (queries likewise)."""
     order = sorted(range(len(k_lens)), key=lambda i: (k_lens[i], q_lens[i]))
     groups: list[list[int]] = []
+    k_real = q_real = k_max = q_max = 0  # the open group's real keys/queries and longest row
     for i in order:
-        g = groups[-1] if groups else None
-        if g is not None:
-            n = len(g) + 1
-            k_real = sum(k_lens[j] for j in g) + k_lens[i]
-            q_real = sum(q_lens[j] for j in g) + q_lens[i]
-            k_pad = n * max(k_lens[i], *(k_lens[j] for j in g))
-            q_pad = n * max(q_lens[i], *(q_lens[j] for j in g))
-            if k_pad <= (1 + slack) * k_real and q_pad <= (1 + slack) * q_real:
-                g.append(i)
-                continue
-        groups.append([i])
+        k, q = k_real + k_lens[i], q_real + q_lens[i]
+        km, qm = max(k_max, k_lens[i]), max(q_max, q_lens[i])
+        n = len(groups[-1]) + 1 if groups else 0
+        if n and n * km <= (1 + slack) * k and n * qm <= (1 + slack) * q:
+            groups[-1].append(i)
+            k_real, q_real, k_max, q_max = k, q, km, qm
+        else:
+            groups.append([i])
+            k_real, q_real, k_max, q_max = k_lens[i], q_lens[i], k_lens[i], q_lens[i]
     return groups
 
 

@@ -218,7 +218,7 @@ class FairBatcher(Generic[R, T]):
     def _drr_batch(self) -> list[_Item[R, T]]:
         """Take rows by deficit round-robin until the row or token budget is spent."""
         batch: list[_Item[R, T]] = []
-        budget = self.last_budget = self.token_budget()
+        budget = self.last_budget  # set by next_batch for this batch
         rows_left, tokens_left = self.max_batch_size, budget
         while self._order and rows_left > 0 and tokens_left > 0:
             tenant = self._order.popleft()

@@ -59,14 +59,6 @@ def encoder_config(encoder: nn.Module) -> PretrainedConfig:
     return config
 
 
-def word_embeddings(encoder: nn.Module) -> nn.Embedding:
-    """The encoder's token embedding table (``embeddings.word_embeddings`` on BERT/RoBERTa)."""
-    table = encoder.get_submodule("embeddings.word_embeddings")
-    if not isinstance(table, nn.Embedding):
-        raise TypeError(f"{type(encoder).__name__}.embeddings.word_embeddings is not an nn.Embedding")
-    return table
-
-
 def tokenizer_of(backbone: Backbone) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer, typed (``Backbone`` keeps it as a plain object)."""
     tokenizer = backbone.tokenizer
@@ -95,10 +87,9 @@ class AdapterModel(nn.Module):
     ):
         super().__init__()
         self.encoder = encoder
-        self.encoder_config = encoder_config(encoder)
         self.kind = kind
         self.train_backbone = train_backbone
-        c = self.encoder_config
+        c = encoder.config
         self.layers: int = c.num_hidden_layers
         self.heads: int = c.num_attention_heads
         self.hidden: int = c.hidden_size
@@ -117,7 +108,7 @@ class AdapterModel(nn.Module):
             elif kind == "prompt":
                 prompt = PromptConfig(num_virtual_tokens, self.hidden, self.layers, self.heads)
                 if init is None:  # random vocabulary embeddings: (Q, H)
-                    vocab = word_embeddings(encoder).weight  # (V, H)
+                    vocab = encoder.embeddings.word_embeddings.weight  # (V, H)
                     ids = torch.randint(
                         min(100, vocab.shape[0] - 1), vocab.shape[0], (num_virtual_tokens,), generator=gen
                     )  # (Q,)
@@ -199,7 +190,7 @@ class AdapterModel(nn.Module):
 def token_activations(encoder: PackedEncoder, num_tokens: int, gen: torch.Generator) -> Tensor:
     """Prefix init from real activations (Li & Liang 2021): the keys/values the frozen encoder computes for
     ``num_tokens`` random vocabulary tokens, in PEFT's flat layout (P, layers*2*hidden)."""
-    vocab = word_embeddings(encoder).num_embeddings
+    vocab = encoder.embeddings.word_embeddings.num_embeddings
     ids = torch.randint(min(1000, vocab // 2), vocab, (num_tokens,), generator=gen).tolist()  # (P,)
     captured: list[tuple[Tensor, Tensor]] = []  # per layer: key, value (P, heads, hd)
     encoder(encoder.pack([ids]), kv_out=captured)

@@ -130,7 +130,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     lines = [ln.strip() for ln in Path(cfg.corpus).read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         raise BadRequestError(f"corpus {cfg.corpus!r} has no non-empty line", code="empty_dataset")
-    c = encoder_config(encoder)
+    c = encoder.config
     pc = PrefixConfig(
         cfg.num_virtual_tokens,
         c.num_hidden_layers,

@@ -15,7 +15,7 @@ from prefixserve.adapters.errors import BadRequestError, FingerprintMismatchErro
 from prefixserve.adapters.format import load_packed
 from prefixserve.adapters.peft_io import unpack
 from prefixserve.trainer.data import Example, load_datasets, read_examples
-from prefixserve.trainer.model import AdapterModel, tokenize, tokenizer_of, word_embeddings
+from prefixserve.trainer.model import AdapterModel, tokenize, tokenizer_of
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
 
@@ -270,7 +270,9 @@ def test_full_fine_tuning_leaves_the_shared_backbone_alone(backbones, tiny_backb
     )
     assert res.packed is None and res.log["trainable_params"]["backbone"] > 0
     assert all(torch.equal(before[k], v) for k, v in bb.encoder.state_dict().items())
-    assert not torch.equal(word_embeddings(res.model.encoder).weight, word_embeddings(bb.encoder).weight)
+    assert not torch.equal(
+        res.model.encoder.embeddings.word_embeddings.weight, bb.encoder.embeddings.word_embeddings.weight
+    )
 
 
 # ---- pre-trained prefix -------------------------------------------------------------------------
