@@ -33,7 +33,15 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 FILL_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STALE_S = 600.0
-HISTOGRAMS = ("batch_rows", "batch_adapters", "batch_tokens", "batch_fill", "fetch_seconds", "forward_seconds")
+# WorkerSnapshot field -> (Prometheus name, help)
+HISTOGRAMS = {
+    "batch_rows": ("prefixserve_batch_rows", "rows per backbone forward"),
+    "batch_adapters": ("prefixserve_batch_adapters", "distinct adapters per forward"),
+    "batch_tokens": ("prefixserve_batch_tokens", "estimated tokens per backbone forward"),
+    "batch_fill": ("prefixserve_batch_fill", "share of the token budget a forward used"),
+    "fetch_seconds": ("prefixserve_store_fetch_seconds", "store fetch + device load latency"),
+    "forward_seconds": ("prefixserve_forward_seconds", "backbone forward latency"),
+}
 
 
 @dataclass(frozen=True)
@@ -234,24 +242,8 @@ class _SnapshotCollector:
         )
         fetch_err = CounterMetricFamily("prefixserve_store_fetch_errors", "failed adapter fetches", labels=["replica"])
         hists = {
-            "batch_rows": HistogramMetricFamily(
-                "prefixserve_batch_rows", "rows per backbone forward", labels=["replica"]
-            ),
-            "batch_adapters": HistogramMetricFamily(
-                "prefixserve_batch_adapters", "distinct adapters per forward", labels=["replica"]
-            ),
-            "batch_tokens": HistogramMetricFamily(
-                "prefixserve_batch_tokens", "estimated tokens per backbone forward", labels=["replica"]
-            ),
-            "batch_fill": HistogramMetricFamily(
-                "prefixserve_batch_fill", "share of the token budget a forward used", labels=["replica"]
-            ),
-            "fetch_seconds": HistogramMetricFamily(
-                "prefixserve_store_fetch_seconds", "store fetch + device load latency", labels=["replica"]
-            ),
-            "forward_seconds": HistogramMetricFamily(
-                "prefixserve_forward_seconds", "backbone forward latency", labels=["replica"]
-            ),
+            field: HistogramMetricFamily(metric, help_text, labels=["replica"])
+            for field, (metric, help_text) in HISTOGRAMS.items()
         }
         for snap in snaps:
             rep, cache = [snap.replica], snap.cache

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from prefixserve.adapters.errors import RateLimitedError, StoreUnavailableError
-from prefixserve.adapters.ratelimit import RateLimiter, RateLimits, RedisRateLimiter, open_rate_limiter
+from prefixserve.adapters.ratelimit import RateLimits, RedisRateLimiter, open_rate_limiter
+from tests.fixtures.ratelimit import passes, refusal
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -37,20 +38,6 @@ def spare_redis(redis_server, tmp_path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop(kill=False)
-
-
-def passes(limiter: RateLimiter, limits: RateLimits, rows: int = 1, tenant: str = "acme") -> bool:
-    try:
-        limiter.acquire(tenant, limits, rows=rows)
-    except RateLimitedError:
-        return False
-    return True
-
-
-def refusal(limiter: RateLimiter, limits: RateLimits, rows: int = 1, tenant: str = "acme") -> RateLimitedError:
-    with pytest.raises(RateLimitedError) as err:
-        limiter.acquire(tenant, limits, rows=rows)
-    return err.value
 
 
 def wait_of(err: RateLimitedError) -> float:

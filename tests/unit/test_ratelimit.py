@@ -9,11 +9,11 @@ import pytest
 from prefixserve.adapters.errors import BadRequestError, InvalidIdError, RateLimitedError
 from prefixserve.adapters.ratelimit import (
     MemoryRateLimiter,
-    RateLimiter,
     RateLimits,
     RedisRateLimiter,
     open_rate_limiter,
 )
+from tests.fixtures.ratelimit import passes, refusal
 
 
 class FakeClock:
@@ -35,20 +35,6 @@ def clock() -> FakeClock:
 @pytest.fixture
 def limiter(clock: FakeClock) -> MemoryRateLimiter:
     return MemoryRateLimiter(clock=clock)
-
-
-def passes(limiter: RateLimiter, limits: RateLimits, rows: int = 1, tenant: str = "acme") -> bool:
-    try:
-        limiter.acquire(tenant, limits, rows=rows)
-    except RateLimitedError:
-        return False
-    return True
-
-
-def refusal(limiter: RateLimiter, limits: RateLimits, rows: int = 1, tenant: str = "acme") -> RateLimitedError:
-    with pytest.raises(RateLimitedError) as err:
-        limiter.acquire(tenant, limits, rows=rows)
-    return err.value
 
 
 def test_burst_then_429_with_retry_after(limiter):
