@@ -14,8 +14,8 @@ One layer, on the stream ``x`` (T, H)::
     f        = act(x @ W_in) @ W_out                # "ffn_in", "ffn_out"
     x        = LayerNorm(x + f)
 
-Named points: after each of the four projections, ``PackedBatch.hooks`` may add a per-row delta
-(``hook(layer, point, x_in, y) -> y``), which is where LoRA / IA3 / bottleneck kinds attach.
+Named points: at each of the four projections and the two residual norms, ``PackedBatch.hooks``
+(:class:`~.rowkinds.SegmentHooks`) lets each weight adapter (LoRA, IA3, bottleneck) act on its own rows.
 
 Decisions:
 * Weights are copied from the checkpoint once (query/key/value fused into one matrix: one GEMM instead of
@@ -28,6 +28,7 @@ Decisions:
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -77,10 +78,16 @@ class Layer(nn.Module):
         self.act = ACT2FN[c.hidden_act]
 
     def _proj(self, point: str, linear: nn.Linear, x: Tensor, batch: PackedBatch) -> Tensor:
-        y = linear(x)
-        for hook in batch.hooks:  # per-row adapter kinds (none for prefix / prompt rows)
-            y = hook(self.index, point, x, y)
-        return y
+        hooks = batch.hooks  # weight adapters on their own rows (none for prefix / prompt rows)
+        if hooks is None or not hooks.active(self.index, point):
+            return linear(x)
+        x = hooks.before(self.index, point, x)
+        return hooks.after(self.index, point, x, linear(x), linear)
+
+    def _add_norm(self, point: str, ln: nn.LayerNorm, x: Tensor, h: Tensor, batch: PackedBatch) -> Tensor:
+        y = ln(x + h)  # (T, H)
+        hooks = batch.hooks
+        return y if hooks is None else hooks.norm(self.index, point, x, h, y, ln)
 
     def forward(self, x: Tensor, batch: PackedBatch, kv_out: list | None = None) -> Tensor:
         t, h = x.shape  # (T, H)
@@ -93,9 +100,13 @@ class Layer(nn.Module):
             k = torch.cat([pool[0], k])  # (P_pool + T, heads, d)
             v = torch.cat([pool[1], v])  # (P_pool + T, heads, d)
         a = attention(q, k, v, batch)  # (T, heads, d)
-        x = self.attn_norm(x + self._proj("attn_out", self.attn_out, a.reshape(t, h), batch))  # (T, H)
+        x = self._add_norm(
+            "attn_norm", self.attn_norm, x, self._proj("attn_out", self.attn_out, a.reshape(t, h), batch), batch
+        )  # (T, H)
         f = self.act(self._proj("ffn_in", self.ffn_in, x, batch))  # (T, I)
-        return self.ffn_norm(x + self._proj("ffn_out", self.ffn_out, f, batch))  # (T, H)
+        return self._add_norm(
+            "ffn_norm", self.ffn_norm, x, self._proj("ffn_out", self.ffn_out, f, batch), batch
+        )  # (T, H)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, batch: PackedBatch) -> Tensor:
@@ -200,6 +211,8 @@ class PackedEncoder(nn.Module):
         """Variable-length flash attention: CUDA sm80+ with a half dtype (its kernels have no fp32, no older GPUs);
         anything else takes the grouped SDPA path."""
         if self.device.type != "cuda" or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch < 2.10
             return False
         return torch.cuda.get_device_capability(self.device) >= (8, 0)
 

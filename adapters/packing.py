@@ -20,14 +20,16 @@ padded batch. The CPU default was chosen by measurement (``bench/attention_plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-# hook(layer, point, x_in, y) -> y: a per-row adapter kind at a named projection of the encoder
-Hook = Callable[[int, str, Tensor, Tensor], Tensor]
+if TYPE_CHECKING:
+    from .rowkinds import SegmentHooks
+
 DEFAULT_SLACK = 0.25  # CPU: rows of a group may pad up to 25% of their real keys (bench/attention_plan.py)
 
 
@@ -60,7 +62,7 @@ class PackedBatch:
     max_k: int
     groups: list[AttentionGroup] | None  # None: varlen attention over the whole stream
     group_order: Tensor | None  # (T,) long: stream slot -> row in the concatenated group outputs
-    hooks: list[Hook] = field(default_factory=list)  # per-row adapter kinds at named points (see encoder)
+    hooks: SegmentHooks | None = None  # weight adapters (LoRA, IA3, bottleneck) per row segment (.rowkinds)
 
     @property
     def num_tokens(self) -> int:

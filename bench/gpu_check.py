@@ -1,4 +1,4 @@
-"""``make gpu-check``: everything a GPU session must verify, in one script (<= 6 minutes on one GPU).
+"""``make gpu-check``: everything a GPU session must verify, in one script (<= 7 minutes on one GPU).
 
     python -m bench.gpu_check [--skip-tests] [--skip-bench]
 
@@ -7,7 +7,8 @@
 2. bf16 / varlen on CUDA: the engine in bf16 (variable-length flash attention, no padding) against the
    engine in fp32 on CPU over mixed prefix/prompt rows of 16 adapters: label agreement, max probability
    difference, and that the varlen path really ran.
-3. The engine benchmarks at realistic mixes on CUDA: sequences/s and useful-token MFU.
+3. The engine benchmarks at realistic mixes on CUDA (arrival batches of 32 and of 256 rows): sequences/s and
+   useful-token MFU; results in ``--out`` (bench/results/gpu).
 
 Device time is scarce: every step has its own timeout and the script prints one summary at the end.
 """
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"), help="results folder of the benches")
     args = p.parse_args(argv)
     summary: dict = {}
     py = sys.executable
@@ -115,10 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     summary["bf16 agreement"]["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary["bf16 agreement"], indent=1), flush=True)
     if not args.skip_bench:
-        step("realistic mix", [py, "-m", "bench.realistic", "--quick", "--device", "cuda"], 120, summary)
-        engine = [py, "-m", "bench.engine", "--quick", "--device", "cuda", "--no-peft"]  # PEFT set-up: minutes
-        step("engine (fixed 64 tokens)", engine, 75, summary)
+        realistic = [py, "-m", "bench.realistic", "--device", "cuda", "--no-onnx", "--no-progress"]
+        # the claim's mix (256 rows, arrival batches of 32, 1,000 prefixes) with its sweeps, then GPU-sized
+        # batches of 256 rows without sweeps; each in its own folder (both write realistic.json)
+        step("realistic mix (batch 32)", [*realistic, "--out", args.out], 150, summary)
+        big = ["--batch", "256", "--rows", "2048", "--sweep-medians", "--sweep-distinct", "--out", f"{args.out}/b256"]
+        step("realistic mix (batch 256)", [*realistic, *big], 100, summary)
+        engine = [py, "-m", "bench.engine", "--quick", "--device", "cuda", "--no-peft", "--no-progress"]
+        step("engine (fixed 64 tokens)", [*engine, "--out", args.out], 60, summary)  # --no-peft: its set-up takes minutes
     print("\n=== summary\n" + json.dumps(summary, indent=1))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
     failed = [k for k, v in summary.items() if v.get("rc") not in (None, 0)]
     return 1 if failed else 0
 

@@ -15,6 +15,7 @@ from transformers import AutoModel, DynamicCache
 
 from prefixserve.adapters.encoder import PackedEncoder
 from prefixserve.adapters.packing import DEFAULT_SLACK, pack, plan_groups
+from prefixserve.adapters.rowkinds import LINEAR_POINTS, NORM_POINTS, PassThrough, SegmentHooks
 
 TOL = 1e-5
 SLACKS = [0.0, None, 1e9]  # None: packing.DEFAULT_SLACK
@@ -126,29 +127,50 @@ def test_rows_sharing_an_adapter_store_it_once(models):
     assert batch.max_k == 4 + 3 and batch.num_tokens == 6
 
 
-def test_hooks_attach_at_named_points(models):
-    """A per-row kind attaches after a projection: an identity hook changes nothing, a delta moves the output."""
-    hf, enc = models
-    seen: list[tuple[int, str]] = []
+class _Recorder(PassThrough):
+    """Identity at every point of every layer, recording the calls and the segment sizes."""
 
-    def identity(layer, point, x, y):
-        seen.append((layer, point))
+    def __init__(self, layers: int, shift_at: tuple[int, str] | None = None):
+        self.points = frozenset((i, p) for i in range(layers) for p in (*LINEAR_POINTS, *NORM_POINTS))
+        self.seen: list[tuple[int, str, int]] = []
+        self.shift_at = shift_at
+
+    def before(self, layer, point, x):
+        self.seen.append((layer, point + ".in", x.shape[0]))
+        return x
+
+    def after(self, layer, point, x, y, linear):
+        self.seen.append((layer, point, x.shape[0]))
+        if (layer, point) == self.shift_at:
+            return y + torch.linspace(0, 1, y.shape[-1])  # LayerNorm would remove a constant
         return y
 
-    def delta(layer, point, x, y):
-        return (
-            y + torch.linspace(0, 1, y.shape[-1]) if (layer, point) == (0, "ffn_out") else y
-        )  # LayerNorm removes a constant
+    def norm(self, layer, point, x, h, y, ln):
+        self.seen.append((layer, point, x.shape[0]))
+        return y
 
+
+def test_hooks_act_on_their_segment_only(models):
+    """A weight adapter sees only its own rows at every named point; an identity changes nothing, a delta moves
+    its own rows and leaves the other rows bit-identical."""
+    hf, enc = models
+    ids = [[5, 6, 7], [8], [9, 10]]
     with torch.no_grad():
-        base = enc(enc.pack([[5, 6, 7], [8]]))
-        batch = enc.pack([[5, 6, 7], [8]])
-        batch.hooks.append(identity)
+        base = enc(enc.pack(ids))
+        batch = enc.pack(ids)
+        rec = _Recorder(len(enc.layers))
+        batch.hooks = SegmentHooks([(3, 4, rec)])  # row 1 only
         assert torch.equal(enc(batch), base)
-        assert set(seen) == {(i, p) for i in range(len(enc.layers)) for p in ("qkv", "attn_out", "ffn_in", "ffn_out")}
-        moved = enc.pack([[5, 6, 7], [8]])
-        moved.hooks.append(delta)
-        assert (enc(moved) - base).abs().max() > 1e-3
+        want = {(i, p) for i in range(len(enc.layers)) for p in ("qkv", "attn_out", "ffn_in", "ffn_out")}
+        assert {(layer, p) for layer, p, _ in rec.seen} == {(layer, p + ".in") for layer, p in want} | want | {
+            (i, p) for i in range(len(enc.layers)) for p in NORM_POINTS
+        }
+        assert {n for *_, n in rec.seen} == {1}
+        moved = enc.pack(ids)
+        moved.hooks = SegmentHooks([(0, 3, _Recorder(len(enc.layers), shift_at=(0, "ffn_out")))])  # row 0 only
+        out = enc(moved)
+        assert (out[:3] - base[:3]).abs().max() > 1e-3
+        assert torch.equal(out[3:], base[3:])
 
 
 def test_gradients_flow_to_virtual_tokens(models):
