@@ -97,6 +97,7 @@ class Backbone:
             head_style=expected_head_style(self.encoder),
             max_virtual_tokens=self.encoder.max_text_tokens(0) - MIN_TEXT_TOKENS,
             has_pooler=self.has_pooler,
+            intermediate=c.intermediate_size,
         )
 
 

@@ -29,7 +29,7 @@ def _unpack(args) -> int:
 
     with open(args.file, "rb") as f:
         out = unpack(f.read(), args.output)
-    print(f"wrote PEFT folder {out}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -52,11 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pack",
         formatter_class=fmt,
-        help="PEFT folder -> one packed .safetensors adapter",
+        help="PEFT or AdapterHub folder -> one packed .safetensors adapter",
         description="Pack the folder PeftModel.save_pretrained wrote (adapter_config.json + "
-        "adapter_model.safetensors) into one validated prefixserve adapter file.",
+        "adapter_model.safetensors: prefix, prompt, P-tuning, LoRA, IA3) or AdapterHub's "
+        "save_adapter(..., with_head=True, use_safetensors=True) wrote (a bottleneck adapter: "
+        "adapter.safetensors + model_head.safetensors) into one validated prefixserve adapter file.",
     )
-    p.add_argument("peft_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("peft_dir", help="PEFT folder, or AdapterHub folder (safetensors only; .bin is refused)")
     p.add_argument("-o", "--output", required=True, help="packed .safetensors to write")
     p.add_argument("--backbone", help="hub id or folder of the backbone (its fingerprint is recorded)")
     p.add_argument("--fingerprint", help="backbone fingerprint, instead of loading --backbone")
@@ -66,9 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "unpack",
         formatter_class=fmt,
-        help="packed adapter -> PEFT folder",
-        description="Write a folder PeftModel.from_pretrained loads, plus prefixserve.json "
-        "(labels, fingerprint) so that packing it again is lossless.",
+        help="packed adapter -> PEFT folder (AdapterHub folder for a bottleneck adapter)",
+        description="Write a folder PeftModel.from_pretrained loads (prefix, prompt, LoRA, IA3) or "
+        "AdapterHub's load_adapter loads (bottleneck), plus prefixserve.json (labels, fingerprint) "
+        "so that packing it again is lossless.",
     )
     p.add_argument("file", help="packed .safetensors adapter")
     p.add_argument("-o", "--output", required=True, help="folder to write")

@@ -1,10 +1,12 @@
 """Mixed-adapter batched inference: many tenants' rows, one backbone forward.
 
 Pipeline (LitServe's split, minus transport): rows -> tokenize (each row truncated to the room its
-adapter leaves) -> pack the rows into one token stream, each with its own prefix K/V or prompt
-(:mod:`.packing`) -> ONE :class:`~.encoder.PackedEncoder` forward -> per-adapter heads (float32) on their
-rows' token 0 -> per-row predictions. No storage, HTTP or Ray here: callers resolve adapters
-(:meth:`Engine.adapter` caches them on the device) and hand over :class:`Row` objects.
+adapter leaves) -> rows ordered by adapter (each adapter's rows one contiguous segment) -> pack them into
+one token stream, each row with its own prefix K/V or prompt (:mod:`.packing`) and each weight adapter
+(LoRA, IA3, bottleneck) on its own segment (:mod:`.rowkinds`) -> ONE :class:`~.encoder.PackedEncoder`
+forward -> per-adapter heads (float32) on their rows' token 0 -> per-row predictions, in request order.
+No storage, HTTP or Ray here: callers resolve adapters (:meth:`Engine.adapter` caches them on the device)
+and hand over :class:`Row` objects.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from .backbone import Backbone
 from .cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
+from .kinds import weight_kind
 from .packing import prefix_to_kv
 from .ref import AdapterRef
+from .rowkinds import RowKind, SegmentHooks, adapter_nbytes
 from .transfer import to_device_tensors
 
 # What names a device adapter: a store version, or (offline job, benches) a local file path.
@@ -35,9 +39,10 @@ class DeviceAdapter:
 
     key: AdapterKey
     meta: AdapterMeta
-    virtual: Tensor  # prefix: (layers, 2, P, heads, head_dim); prompt: (Q, hidden)
+    virtual: Tensor | None  # prefix: (layers, 2, P, heads, head_dim); prompt: (Q, hidden); else None
     head: ClassificationHead
     nbytes: int
+    weights: RowKind | None = None  # lora / ia3 / bottleneck: the module acting on its rows' segment
 
     @property
     def kind(self) -> str:
@@ -105,17 +110,25 @@ class Engine:
             from .format import check_compatible
 
             check_compatible(adapter.meta, self.backbone.spec)
-        # The parsed tensors view the packed bytes (zero-copy): each kept tensor gets its own memory exactly
-        # once (the K/V relayout, or copy=True), so a resident adapter never pins the whole file buffer.
-        prefix = adapter.meta.kind == "prefix"
-        virtual = to_device_tensors({"v": adapter.virtual}, self.device, self.dtype, copy=not prefix)["v"]
-        if prefix:  # (P, layers*2*H) -> (layers, 2, P, heads, hd), contiguous: one slice per layer in a batch
-            virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()
         # float32 heads (a few rows per batch): logits are float32 whatever the serving dtype
         head_tensors = to_device_tensors(adapter.head, self.device, torch.float32, copy=True)
         head = ClassificationHead.from_tensors(head_tensors, copy=False).eval()
         head.requires_grad_(False)
-        nbytes = virtual.numel() * virtual.element_size() + sum(p.numel() * p.element_size() for p in head.parameters())
+        nbytes = adapter_nbytes(head)
+        kind = adapter.meta.kind
+        if adapter.meta.is_weight_kind:
+            module: nn.Module = weight_kind(kind).build(adapter.peft_config, adapter.body)  # copies (CPU, fp32)
+            module = module.to(self.device, self.dtype).eval().requires_grad_(False)
+            serving = getattr(module, "for_serving", None)
+            if serving is not None:  # e.g. LoRA: each point's modules folded into one matmul pair
+                serving()
+            return DeviceAdapter(key, adapter.meta, None, head, nbytes + adapter_nbytes(module), module)  # type: ignore[arg-type]
+        # The parsed tensors view the packed bytes (zero-copy): each kept tensor gets its own memory exactly
+        # once (the K/V relayout, or copy=True), so a resident adapter never pins the whole file buffer.
+        virtual = to_device_tensors({"v": adapter.virtual}, self.device, self.dtype, copy=kind != "prefix")["v"]
+        if kind == "prefix":  # (P, layers*2*H) -> (layers, 2, P, heads, hd), contiguous: one slice per layer
+            virtual = prefix_to_kv(virtual, self._layers, self._heads).contiguous()
+        nbytes += virtual.numel() * virtual.element_size()
         return DeviceAdapter(key, adapter.meta, virtual, head, nbytes)
 
     def adapter(self, key: AdapterKey, load: Callable[[], AdapterFile | bytes]) -> DeviceAdapter:
@@ -165,25 +178,41 @@ class Engine:
         if not rows:
             return [], []
         ids, types, truncated = self._tokenize(rows)
-        batch = self.encoder.pack(
-            ids,
-            types,
-            prompts=[r.adapter.virtual if r.adapter.kind == "prompt" else None for r in rows],
-            prefixes=[r.adapter.virtual if r.adapter.kind == "prefix" else None for r in rows],
-        )
-        hidden = self.encoder(batch)  # (T, H): every real token of every row, no padding
-        first = self.encoder.first_tokens(hidden, batch).float()  # (B, 1, H): all heads (and poolers) read
-        pooler = self.encoder.pooler  # float32 (or None)
-        groups: dict[AdapterKey, list[int]] = {}
+        groups: dict[AdapterKey, list[int]] = {}  # adapter -> its rows, in order of first appearance
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
-        logits: dict[int, Tensor] = {}
+        order = [i for idx in groups.values() for i in idx]  # each adapter's rows contiguous in the stream
+        batch = self.encoder.pack(
+            [ids[i] for i in order],
+            [types[i] for i in order],
+            prompts=[rows[i].adapter.virtual if rows[i].adapter.kind == "prompt" else None for i in order],
+            prefixes=[rows[i].adapter.virtual if rows[i].adapter.kind == "prefix" else None for i in order],
+        )
+        starts = batch.cu_seqlens.tolist()  # (B+1,) row offsets in the stream
+        segments, pos = [], 0
         for idx in groups.values():
-            head = rows[idx[0]].adapter.head
-            group_logits = head(first[idx], pooler).cpu()  # (n, C) float32
+            weights = rows[idx[0]].adapter.weights
+            if weights is not None:
+                segments.append((starts[pos], starts[pos + len(idx)], weights))
+            pos += len(idx)
+        if segments:
+            batch.hooks = SegmentHooks(segments)
+        hidden = self.encoder(batch)  # (T, H): every real token of every row, no padding
+        first = self.encoder.first_tokens(hidden, batch).float()  # (B, 1, H) in stream order: all heads read
+        pooler = self.encoder.pooler  # float32 (or None)
+        outs, pos = [], 0
+        for idx in groups.values():
+            outs.append(rows[idx[0]].adapter.head(first[pos : pos + len(idx)], pooler))  # (n, C) float32
+            pos += len(idx)
+        flat = torch.cat([o.flatten() for o in outs]).cpu()  # ONE device -> host copy per batch
+        logits: list[Tensor] = [flat[:0]] * len(rows)
+        at = 0
+        for idx, o in zip(groups.values(), outs):
+            n, c = o.shape
             for j, i in enumerate(idx):
-                logits[i] = group_logits[j]
-        return [logits[i] for i in range(len(rows))], truncated
+                logits[i] = flat[at + j * c : at + (j + 1) * c]
+            at += n * c
+        return logits, truncated
 
     def predict(self, rows: list[Row]) -> list[Prediction]:
         logits, truncated = self.forward(rows)

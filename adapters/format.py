@@ -1,7 +1,8 @@
 """The packed adapter file: one ``.safetensors`` per adapter, PEFT-compatible both ways.
 
-Tensors keep PEFT's key names: ``prompt_embeddings``, ``base_model.classifier.*`` and, for a BERT-style head
-that brings its own pooler, ``base_model.bert.pooler.dense.*`` (see :mod:`.heads`). ``__metadata__``
+Tensors: the kind's body (:mod:`.kinds`: ``prompt_embeddings`` for a prefix or prompt, ``encoder.layer.{i}.*``
+for a weight kind) and the head under PEFT's key names, ``base_model.classifier.*`` and, for a BERT-style head
+that brings its own pooler, ``base_model.bert.pooler.dense.*`` (see :mod:`.heads`), whatever the kind. ``__metadata__``
 (string -> string, as safetensors requires) holds:
 
 =====================  =====================================================================
@@ -10,7 +11,8 @@ that brings its own pooler, ``base_model.bert.pooler.dense.*`` (see :mod:`.heads
 ``adapter_config``     PEFT's ``adapter_config.json``, verbatim JSON
 ``labels``             JSON list of label names (``id2label`` order)
 ``backbone``           backbone fingerprint (see :mod:`.backbone`): 1..256 printable ASCII, no spaces
-``kind``               ``"prefix"`` | ``"prompt"`` (derived from ``peft_type``; informative)
+``kind``               ``prefix`` | ``prompt`` | ``lora`` | ``ia3`` | ``bottleneck`` (from ``peft_type``, see
+                       :mod:`.kinds`; informative)
 =====================  =====================================================================
 
 Every read validates before anything is trusted, and every failure is an ``InvalidAdapterError`` (422; the
@@ -52,12 +54,11 @@ from torch import Tensor
 
 from .errors import AdapterTooLargeError, FingerprintMismatchError, InvalidAdapterError
 from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX, carries_pooler, head_shapes, head_style, split_head
+from .kinds import KIND_OF_PEFT_TYPE, VIRTUAL_KEY, VIRTUAL_KINDS, check_virtual, check_weights
 from .transfer import Buffer, tensors_from_buffer
 
 FORMAT = "prefixserve.adapter"
 FORMAT_VERSION = "1"
-VIRTUAL_KEY = "prompt_embeddings"
-KIND_OF_PEFT_TYPE = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt"}
 MAX_FINGERPRINT_CHARS = 256
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
@@ -92,6 +93,7 @@ class BackboneSpec:
     max_virtual_tokens: int  # positions left for a prefix/prompt with at least a few real tokens
     # The backbone has a pooler from its checkpoint. Without one, a "bert" head must bring its own.
     has_pooler: bool = False
+    intermediate: int = 0  # feed-forward width (weight kinds on the feed-forward must match it); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,12 @@ class AdapterMeta:
     hidden: int
     head_style: str
     has_pooler: bool = False  # the (bert-style) head carries its own pooler
+    intermediate: int = 0  # weight kinds: the feed-forward width they need (0: none)
+
+    @property
+    def is_weight_kind(self) -> bool:
+        """LoRA, IA3, bottleneck: no virtual tokens; ``num_layers`` is the layers it needs, ``num_heads`` 0."""
+        return self.kind not in VIRTUAL_KINDS
 
     @property
     def num_labels(self) -> int:
@@ -129,6 +137,11 @@ class AdapterFile:
     def virtual(self) -> Tensor:
         """(P, layers*2*hidden) for a prefix, (Q, hidden) for a prompt."""
         return self.tensors[VIRTUAL_KEY]
+
+    @property
+    def body(self) -> dict[str, Tensor]:
+        """The kind's own tensors: everything but the head."""
+        return _body(self.tensors)
 
     @property
     def head(self) -> dict[str, Tensor]:
@@ -260,41 +273,27 @@ def check_labels(labels: object, limits: Limits = DEFAULT_LIMITS) -> list[str]:
     return labels
 
 
+def _body(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: t for k, t in tensors.items() if not k.startswith((PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX))}
+
+
 def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limits: Limits) -> dict[str, Any]:
     """Shapes agree with the config and with each other; returns the shape fields of :class:`AdapterMeta`."""
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in KIND_OF_PEFT_TYPE:
         raise _bad(
-            f"peft_type {_q(peft_type)} is not served; use PREFIX_TUNING, PROMPT_TUNING or P_TUNING",
+            f"peft_type {_q(peft_type)} is not served; use one of {', '.join(KIND_OF_PEFT_TYPE)}",
             "unsupported_peft_type",
         )
     if config.get("task_type") not in (None, "SEQ_CLS"):
         raise _bad(f"task_type {_q(config.get('task_type'))} is not served; only SEQ_CLS", "unsupported_task")
     kind = KIND_OF_PEFT_TYPE[peft_type]
-    extra = {k for k in tensors if k != VIRTUAL_KEY and not k.startswith((PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX))}
-    if VIRTUAL_KEY not in tensors or extra:
-        raise _bad(
-            f"expected {VIRTUAL_KEY!r} and classifier tensors; missing or unexpected: "
-            f"{_q(sorted(extra) or [VIRTUAL_KEY])}",
-            "bad_tensors",
-        )
-    virtual = tensors[VIRTUAL_KEY]
-    if virtual.ndim != 2:
-        raise _bad(f"{VIRTUAL_KEY} must be 2-D, got shape {tuple(virtual.shape)}", "shape_mismatch")
-    p = virtual.shape[0]
-    if p < 1 or p > limits.max_virtual_tokens:
-        raise _bad(f"num_virtual_tokens {p} outside 1..{limits.max_virtual_tokens}", "too_many_virtual_tokens")
-    declared = config.get("num_virtual_tokens")
-    if type(declared) is not int or declared != p:
-        raise _bad(f"config num_virtual_tokens {_q(declared)} != tensor rows {p}", "shape_mismatch")
-    hidden, layers, heads = config.get("token_dim"), config.get("num_layers"), config.get("num_attention_heads")
-    if not (_positive_int(hidden) and _positive_int(layers) and _positive_int(heads)) or hidden % heads:
-        raise _bad(
-            "config needs integer token_dim, num_layers, num_attention_heads > 0 (token_dim % heads == 0)", "bad_config"
-        )
-    width = layers * 2 * hidden if kind == "prefix" else hidden
-    if virtual.shape[1] != width:
-        raise _bad(f"{VIRTUAL_KEY} width {virtual.shape[1]} != expected {width} for a {kind}", "shape_mismatch")
+    body = _body(tensors)
+    if kind in VIRTUAL_KINDS:
+        shape = check_virtual(kind, config, body, limits.max_virtual_tokens)
+    else:
+        shape = check_weights(kind, config, body)
+    hidden = shape["hidden"]
     head = split_head(tensors)
     try:
         style = head_style(head)
@@ -305,6 +304,8 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
     if out_w.ndim != 2:
         raise _bad(f"classifier weight must be 2-D, got shape {tuple(out_w.shape)}", "shape_mismatch")
     c = out_w.shape[0]
+    if not hidden:  # a weight kind whose tensors never show the hidden width (IA3 on the FFN only): the head's
+        hidden = shape["hidden"] = int(out_w.shape[1])
     for name, want in head_shapes(style, hidden, c, has_pooler).items():
         if tuple(head[name].shape) != want:
             raise _bad(f"head tensor {name!r} has shape {tuple(head[name].shape)}, expected {want}", "shape_mismatch")
@@ -313,9 +314,7 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
     for name, t in tensors.items():  # numpy: single-threaded, immune to OpenMP contention (20x here)
         if not np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all():
             raise _bad(f"tensor {name!r} has NaN or infinite values", "non_finite")
-    return dict(
-        kind=kind, num_virtual_tokens=p, num_layers=layers, num_heads=heads, hidden=hidden, head_style=style
-    ) | {"has_pooler": has_pooler}
+    return shape | {"kind": kind, "head_style": style, "has_pooler": has_pooler}
 
 
 def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
@@ -324,7 +323,9 @@ def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
         raise FingerprintMismatchError(
             f"adapter was made for backbone {meta.fingerprint[:23]} but this server runs {spec.fingerprint[:23]}"
         )
-    if (meta.num_layers, meta.num_heads, meta.hidden) != (spec.num_layers, spec.num_heads, spec.hidden):
+    if meta.is_weight_kind:
+        _check_weight_fit(meta, spec)
+    elif (meta.num_layers, meta.num_heads, meta.hidden) != (spec.num_layers, spec.num_heads, spec.hidden):
         raise _bad(
             f"adapter shape (layers, heads, hidden)={(meta.num_layers, meta.num_heads, meta.hidden)} "
             f"!= backbone {(spec.num_layers, spec.num_heads, spec.hidden)}",
@@ -344,6 +345,23 @@ def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
             f"num_virtual_tokens {meta.num_virtual_tokens} leaves no room for text "
             f"(max {spec.max_virtual_tokens} on this backbone)",
             "too_many_virtual_tokens",
+        )
+
+
+def _check_weight_fit(meta: AdapterMeta, spec: BackboneSpec) -> None:
+    """A weight kind's target modules exist in the backbone with the widths its tensors have."""
+    if meta.num_layers > spec.num_layers:
+        raise _bad(
+            f"adapter targets layer {meta.num_layers - 1}; this backbone has layers 0..{spec.num_layers - 1}",
+            "unsupported_target",
+        )
+    if meta.hidden != spec.hidden or (
+        meta.intermediate and spec.intermediate and meta.intermediate != spec.intermediate
+    ):
+        raise _bad(
+            f"adapter widths (hidden, intermediate)={(meta.hidden, meta.intermediate)} "
+            f"!= backbone {(spec.hidden, spec.intermediate)}",
+            "shape_mismatch",
         )
 
 

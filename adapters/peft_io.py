@@ -1,9 +1,14 @@
-"""PEFT folder <-> packed file, lossless both ways.
+"""PEFT (and AdapterHub) folder <-> packed file, lossless both ways.
 
 A PEFT folder is what ``PeftModel.save_pretrained`` writes: ``adapter_config.json`` and
 ``adapter_model.safetensors`` (``adapter_model.bin`` is refused: we never unpickle). PEFT does not
 save label names or the backbone, so ``unpack`` also writes ``prefixserve.json`` (labels,
 fingerprint) which ``pack`` reads back; PEFT ignores it.
+
+Per kind: prefix and prompt keep PEFT's tensor names in the packed file; LoRA and IA3 are renamed to
+backbone-neutral ``encoder.layer.{i}.*`` names and back (:mod:`.peft_weights`); bottleneck adapters come
+from and go to an AdapterHub ``save_adapter`` folder (``adapter.safetensors``, ``model_head.safetensors``:
+:mod:`.bottleneck.hub_io`), which ``pack_folder`` recognises by those file names.
 
 A BERT-style head may carry its own pooler (``base_model.bert.pooler.dense.*``, what PEFT saves with
 ``modules_to_save=["classifier", "pooler"]``); it packs and unpacks like the classifier (see :mod:`.heads`).
@@ -21,9 +26,13 @@ from pathlib import Path
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .bottleneck import hub_io
 from .errors import BadRequestError, InvalidAdapterError
 from .format import DEFAULT_LIMITS, AdapterFile, dump_packed, load_packed, read_header, strict_json
 from .heads import split_head
+from .peft_weights import from_peft, to_peft
+
+RENAMED = ("LORA", "IA3")  # peft_types whose tensors are renamed between PEFT and the packed file
 
 SIDECAR = "prefixserve.json"
 
@@ -66,6 +75,8 @@ def pack_parts(
         ) from None
     if not fingerprint:
         raise BadRequestError("a backbone fingerprint is required to pack (pass --backbone)")
+    if config.get("peft_type") in RENAMED:
+        tensors = from_peft(config, tensors)
     return dump_packed(config, tensors, list(labels) if labels else default_labels(tensors), fingerprint)
 
 
@@ -93,6 +104,8 @@ def pack_folder(
 ) -> bytes:
     """Pack a PEFT folder. Fingerprint: explicit, else the sidecar's, else ``default_fingerprint``."""
     folder = Path(folder)
+    if is_hub_folder(folder):
+        return _pack_hub_folder(folder, labels=labels, fingerprint=fingerprint, default_fingerprint=default_fingerprint)
     if (folder / "adapter_model.bin").exists() and not (folder / "adapter_model.safetensors").exists():
         raise InvalidAdapterError(
             "adapter_model.bin (pickle) is refused; save with safe_serialization=True", code="pickle_refused"
@@ -109,17 +122,42 @@ def pack_folder(
     )
 
 
+def is_hub_folder(folder: Path) -> bool:
+    """An AdapterHub ``save_adapter`` folder (its weights file names differ from PEFT's)."""
+    return any((folder / n).exists() for n in (hub_io.WEIGHTS_NAME, hub_io.PICKLE_NAME)) and not any(
+        (folder / n).exists() for n in ("adapter_model.safetensors", "adapter_model.bin")
+    )
+
+
+def _pack_hub_folder(
+    folder: Path, *, labels: list[str] | None, fingerprint: str | None, default_fingerprint: str | None
+) -> bytes:
+    config, tensors = hub_io.from_hub_folder(folder)
+    side = _read_sidecar(folder)
+    fingerprint = fingerprint or side.get("backbone") or default_fingerprint
+    if not fingerprint:
+        raise BadRequestError("a backbone fingerprint is required to pack (pass --backbone)")
+    labels = labels or side.get("labels") or hub_io.hub_labels(folder) or default_labels(tensors)
+    return dump_packed(config, tensors, list(labels), fingerprint)
+
+
 def unpack(adapter: AdapterFile | bytes, folder: str | Path) -> Path:
-    """Write a folder that ``PeftModel.from_pretrained`` loads (plus our sidecar)."""
+    """Write a folder the reference library loads, plus our sidecar: PEFT's ``PeftModel.from_pretrained`` for
+    prefix, prompt, LoRA and IA3; AdapterHub's ``load_adapter`` for a bottleneck adapter."""
     if isinstance(adapter, (bytes, bytearray)):
         adapter = load_packed(bytes(adapter))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(adapter.peft_config, indent=2, sort_keys=True))
-    (folder / "adapter_model.safetensors").write_bytes(st_save(dict(sorted(adapter.tensors.items()))))
-    (folder / SIDECAR).write_text(
-        json.dumps({"labels": list(adapter.meta.labels), "backbone": adapter.meta.fingerprint}, indent=2)
-    )
+    meta = adapter.meta
+    if meta.kind == "bottleneck":
+        hub_io.to_hub_folder(adapter.peft_config, adapter.tensors, folder, meta.head_style, labels=list(meta.labels))
+    else:
+        tensors = adapter.tensors
+        if adapter.peft_config.get("peft_type") in RENAMED:
+            tensors = to_peft(adapter.peft_config, tensors, meta.head_style)
+        (folder / "adapter_config.json").write_text(json.dumps(adapter.peft_config, indent=2, sort_keys=True))
+        (folder / "adapter_model.safetensors").write_bytes(st_save(dict(sorted(tensors.items()))))
+    (folder / SIDECAR).write_text(json.dumps({"labels": list(meta.labels), "backbone": meta.fingerprint}, indent=2))
     return folder
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 # PEFT module path under encoder.layer.{i} -> (encoder point, block of the fused qkv output or None)
@@ -64,7 +65,8 @@ def block_columns(module: str, hidden: int) -> slice:
 
 
 class RowKind(Protocol):
-    """One weight adapter's math on its own rows. All tensors are the segment's rows only (n tokens)."""
+    """One weight adapter's math on its own rows. All tensors are the segment's rows only (n tokens).
+    Returning the very tensor it was given (``x`` / ``y``) means "unchanged": nothing is copied for it."""
 
     points: frozenset[tuple[int, str]]  # (layer, point) pairs where it acts; elsewhere it is never called
 
@@ -100,8 +102,9 @@ class PassThrough:
 class SegmentHooks:
     """What the encoder calls at every point: each weight adapter on its own segment of the stream.
 
-    ``segments``: (start, end, adapter) with disjoint stream ranges. Results are written into a copy of the
-    point's tensor (inputs are never written: the stream ``x`` is also the residual)."""
+    ``segments``: (start, end, adapter) with disjoint stream ranges. A point's *input* is never written (the
+    stream ``x`` is also the residual): ``before`` results go into a copy. Outputs of a linear or norm are
+    fresh tensors nobody else holds, so without autograd the adapters' rows are written into them in place."""
 
     segments: Sequence[tuple[int, int, RowKind]]
 
@@ -118,26 +121,39 @@ class SegmentHooks:
         hits = self._at.get((layer, point))
         if not hits:
             return x
-        return _spliced(x, [(s, e, k.before(layer, point, x[s:e])) for s, e, k in hits])
+        parts = []
+        for s, e, k in hits:
+            seg = x[s:e]
+            out = k.before(layer, point, seg)
+            if out is not seg:  # most kinds leave inputs alone (LoRA, output-side IA3): no copy of the stream
+                parts.append((s, e, out))
+        return _spliced(x, parts, fresh=False) if parts else x
 
     def after(self, layer: int, point: str, x: Tensor, y: Tensor, linear: nn.Linear) -> Tensor:
         hits = self._at.get((layer, point))
         if not hits:
             return y
-        return _spliced(y, [(s, e, k.after(layer, point, x[s:e], y[s:e], linear)) for s, e, k in hits])
+        parts = []
+        for s, e, k in hits:
+            seg = y[s:e]
+            out = k.after(layer, point, x[s:e], seg, linear)
+            if out is not seg:
+                parts.append((s, e, out))
+        return _spliced(y, parts, fresh=True) if parts else y
 
     def norm(self, layer: int, point: str, x: Tensor, h: Tensor, y: Tensor, ln: nn.LayerNorm) -> Tensor:
         hits = self._at.get((layer, point))
         if not hits:
             return y
-        return _spliced(y, [(s, e, k.norm(layer, point, x[s:e], h[s:e], y[s:e], ln)) for s, e, k in hits])
+        return _spliced(y, [(s, e, k.norm(layer, point, x[s:e], h[s:e], y[s:e], ln)) for s, e, k in hits], fresh=True)
 
 
-def _spliced(base: Tensor, parts: list[tuple[int, int, Tensor]]) -> Tensor:
-    """``base`` with rows [s:e) replaced by each part: one copy, then slice writes (autograd-safe)."""
+def _spliced(base: Tensor, parts: list[tuple[int, int, Tensor]], *, fresh: bool) -> Tensor:
+    """``base`` with rows [s:e) replaced by each part. ``fresh``: base is a temporary only this point holds,
+    written in place unless autograd tracks it; otherwise one copy, then slice writes."""
     if len(parts) == 1 and parts[0][0] == 0 and parts[0][1] == base.shape[0]:
         return parts[0][2]  # one segment over the whole stream (training): no copy at all
-    out = base.clone()
+    out = base if fresh and not (torch.is_grad_enabled() and base.requires_grad) else base.clone()
     for s, e, part in parts:
         out[s:e] = part
     return out

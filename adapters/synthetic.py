@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -160,6 +160,9 @@ def make_backbone(
     return out
 
 
+WEIGHT_KINDS = ("lora", "ia3", "bottleneck")
+
+
 def random_adapter(
     config,
     fingerprint: str,
@@ -170,33 +173,55 @@ def random_adapter(
     seed: int = 0,
     base_model: str = "",
     own_pooler: bool = False,
+    weight_config: Any = None,
 ) -> bytes:
-    """A valid packed adapter with seeded random virtual tokens and head, for ``config``'s backbone.
+    """A valid packed adapter of ``kind`` with seeded random body and head, for ``config``'s backbone.
 
     ``config`` is the backbone's HF config (hidden size, layers, heads, model type). UNTRAINED: for
     benchmarks, tests and the quickstart demo, never for real predictions. ``own_pooler=True`` gives a
     BERT head its own pooler: needed on a backbone without one (``not backbone.has_pooler``).
+
+    Kinds: ``prefix`` / ``prompt`` (``num_virtual_tokens`` rows), and the weight kinds with the reference
+    libraries' defaults unless ``weight_config`` (a ``LoraConfig`` / ``IA3Config`` / ``BottleneckConfig``) is
+    given: ``lora`` r=8 on query/value, ``ia3`` PEFT's BERT targets (key, value, output.dense; feed-forward
+    output.dense), ``bottleneck`` Pfeiffer (``SeqBnConfig``, reduction factor 16). Weight bodies are drawn so the
+    adapter visibly changes the encoder (LoRA's B is not zero, IA3's vectors are not ones, the bottleneck's
+    up-projection is not ~0), unlike the reference initialisations, which start as the identity.
     """
     import torch
 
-    from .backbone import ROBERTA_LIKE
     from .format import VIRTUAL_KEY, dump_packed
-    from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX
     from .prefix import PrefixConfig
     from .prompt import PromptConfig
 
-    if kind not in ("prefix", "prompt"):
-        raise ValueError(f"kind must be prefix or prompt, got {kind!r}")
-    hidden, c = config.hidden_size, len(labels)
-    dims = dict(
-        num_virtual_tokens=num_virtual_tokens,
-        token_dim=hidden,
-        num_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-    )
-    cfg = PrefixConfig(**dims) if kind == "prefix" else PromptConfig(**dims)
     g = torch.Generator().manual_seed(seed)
-    tensors = {VIRTUAL_KEY: torch.randn(num_virtual_tokens, cfg.width, generator=g) * 0.5}  # (P, width)
+    if kind in WEIGHT_KINDS:
+        peft_config, tensors = _random_weights(config, kind, g, base_model, weight_config)
+    elif kind in ("prefix", "prompt"):
+        dims = dict(
+            num_virtual_tokens=num_virtual_tokens,
+            token_dim=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+        )
+        cfg = PrefixConfig(**dims) if kind == "prefix" else PromptConfig(**dims)
+        peft_config = cfg.to_peft_dict(base_model)
+        tensors = {VIRTUAL_KEY: torch.randn(num_virtual_tokens, cfg.width, generator=g) * 0.5}  # (P, width)
+    else:
+        raise ValueError(f"kind must be one of prefix, prompt, {', '.join(WEIGHT_KINDS)}; got {kind!r}")
+    tensors.update(_random_head(config, len(labels), g, own_pooler))
+    return dump_packed(peft_config, tensors, list(labels), fingerprint)
+
+
+def _random_head(config, num_labels: int, g, own_pooler: bool) -> dict:
+    """Head tensors under PEFT's names, drawn from ``g`` (a BERT head's own pooler last: the rest is unchanged)."""
+    import torch
+
+    from .backbone import ROBERTA_LIKE
+    from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX
+
+    hidden, c = config.hidden_size, num_labels
+    out = {}
     if getattr(config, "model_type", "") in ROBERTA_LIKE:  # dense (H, H) + out_proj (C, H)
         head = {
             "dense.weight": torch.randn(hidden, hidden, generator=g) * 0.02,
@@ -206,8 +231,52 @@ def random_adapter(
         }
     else:  # BERT: linear (C, H) over the backbone's shared pooler
         head = {"weight": torch.randn(c, hidden, generator=g) * 0.02, "bias": torch.zeros(c)}
-        if own_pooler:  # its own pooler, drawn after everything else: the rest stays as without it
+        if own_pooler:
             pool = {"weight": torch.randn(hidden, hidden, generator=g) * 0.02, "bias": torch.zeros(hidden)}
-            tensors.update({PEFT_POOLER_PREFIX + k: v for k, v in pool.items()})
-    tensors.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})
-    return dump_packed(cfg.to_peft_dict(base_model), tensors, list(labels), fingerprint)
+            out.update({PEFT_POOLER_PREFIX + k: v for k, v in pool.items()})
+    out.update({PEFT_HEAD_PREFIX + k: v for k, v in head.items()})
+    return out
+
+
+def _random_weights(config, kind: str, g, base_model: str, weight_config: Any) -> tuple[dict, dict]:
+    """(adapter_config, body) of a weight kind: the package's own ``init`` lays out names and shapes, then every
+    tensor is redrawn from ``g`` (seeded, and the global RNG is left as it was)."""
+    import dataclasses
+
+    import torch
+
+    from .kinds import weight_kind
+
+    pkg = weight_kind(kind)
+    if weight_config is None:
+        if kind == "lora":
+            weight_config = pkg.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"])
+        elif kind == "ia3":
+            weight_config = pkg.IA3Config()
+        else:
+            weight_config = pkg.BottleneckConfig.pfeiffer(reduction_factor=16)
+    if base_model and any(f.name == "base_model_name_or_path" for f in dataclasses.fields(weight_config)):
+        weight_config = dataclasses.replace(weight_config, base_model_name_or_path=base_model)
+    adapter_cls = {"lora": "LoraAdapter", "ia3": "IA3Adapter", "bottleneck": "BottleneckAdapter"}[kind]
+    with torch.random.fork_rng(devices=[]):  # init draws from the global RNG: ours stays seeded by ``g`` alone
+        layout = getattr(pkg, adapter_cls).init(weight_config, config).body()  # name -> tensor (shapes only)
+    body = {name: _draw(name, tuple(t.shape), g) for name, t in sorted(layout.items())}
+    return weight_config.to_config_dict(), body
+
+
+def _draw(name: str, shape: tuple[int, ...], g):
+    """One random body tensor, scaled so each kind moves the hidden states by ~10-30 % of their size."""
+    import torch
+
+    if name.endswith("lora_A.weight"):  # (r, in): kaiming-uniform bound 1/sqrt(in), as PEFT's init
+        bound = 1 / shape[1] ** 0.5
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+    if name.endswith("lora_B.weight"):  # (out, r): PEFT starts at zeros; ours is not
+        return torch.randn(shape, generator=g) * 0.05
+    if name.endswith("ia3_l"):  # (out, 1) or (1, in): PEFT starts at ones; ours scatter around them
+        return 1 + torch.randn(shape, generator=g) * 0.2
+    if name.endswith("adapter_down.weight"):  # (down, H): unit-variance bottleneck pre-activations
+        return torch.randn(shape, generator=g) / shape[1] ** 0.5
+    if name.endswith("adapter_up.weight"):  # (H, down): an update ~0.3 per hidden unit, not ~0
+        return torch.randn(shape, generator=g) * 0.3 / shape[1] ** 0.5
+    return torch.randn(shape, generator=g) * 0.02  # biases

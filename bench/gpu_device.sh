@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check` on the lent GPU machine, which has its own python3 with CUDA torch and no network:
 # no .venv there, so the package is put on PYTHONPATH as a namespace (prefixserve.<folder> -> <folder>),
-# and the few locked packages that image lacks travel as wheels in .whl/ (see CONTRIBUTING.md, "GPU check").
+# and the few locked packages that image lacks travel as wheels in .whl/ (README.md, "GPU check").
 #   device run: bash bench/gpu_device.sh [bench.gpu_check args]     (carry: [".whl"])
 set -u
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -17,5 +17,5 @@ python3 -c "import torch, transformers, peft, pydantic; print('torch', torch.__v
 log="${OUT:-/tmp}/gpu_check.log"
 python3 -m bench.gpu_check "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
-mkdir -p "${OUT:-/tmp}/gpu" && cp bench/results/gpu/*.json bench/results/gpu/*.md "${OUT:-/tmp}/gpu/" 2>/dev/null; mkdir -p "${OUT:-/tmp}/gpu/b256" && cp bench/results/gpu/b256/realistic.json "${OUT:-/tmp}/gpu/b256/" 2>/dev/null
+tar czf "${OUT:-/tmp}/gpu_results.tgz" -C bench/results gpu  # one file back (the device returns at most 8)
 exit "$rc"

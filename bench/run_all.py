@@ -3,7 +3,7 @@
     python -m bench.run_all [--quick] [--device auto|cpu|cuda] [--out bench/results]
 
 Each bench runs as its own subprocess (memory is returned between them, a crash stays contained):
-``bench.engine``, ``bench.realistic``, ``bench.attention_plan`` (always on CPU) and ``bench.memory``;
+``bench.engine``, ``bench.realistic``, ``bench.kinds``, ``bench.attention_plan`` (always on CPU) and ``bench.memory``;
 ``bench.store_latency``, ``bench.server_load``, ``bench.fairness``, ``bench.autoscale`` and ``bench.accuracy``
 when their files exist. ``--quick`` is passed to all; ``--device``/``--out`` to
 those whose ``--help`` lists them. A missing or failing bench is a line in the summary, not an abort.
@@ -25,6 +25,7 @@ from . import common
 BENCHES = [
     "engine",
     "realistic",
+    "kinds",
     "attention_plan",
     "memory",
     "store_latency",
@@ -33,7 +34,7 @@ BENCHES = [
     "autoscale",
     "accuracy",
 ]
-OWN = {"engine", "realistic", "memory"}
+OWN = {"engine", "realistic", "kinds", "memory"}
 CPU_ONLY = {"attention_plan"}  # measures the CPU attention plan: always --device cpu
 
 

@@ -247,10 +247,18 @@ class Ingress:
         return JSONResponse(prefix_meta(version).model_dump(), status_code=201 if created else 200)
 
     @app.get("/v1/prefixes", response_model=PrefixList, tags=["prefixes"])
-    async def list_prefixes(self, request: Request) -> PrefixList:
+    async def list_prefixes(self, request: Request, kind: str | None = None) -> PrefixList:
+        """The caller's adapters (latest versions); ``?kind=lora`` lists one kind (prefix, prompt, lora, ia3,
+        bottleneck). ``kind`` is checked after authentication, like everything the caller sends."""
+        from prefixserve.adapters.errors import BadRequestError
+        from prefixserve.adapters.kinds import KINDS
+
         tenant = await self._tenant(request)
+        if kind is not None and kind not in KINDS:
+            raise BadRequestError(f"kind must be one of {', '.join(KINDS)}")
         infos = await asyncio.to_thread(self.store.list, tenant)
-        return PrefixList(prefixes=[prefix_meta(i) for i in infos])
+        metas = [prefix_meta(i) for i in infos]
+        return PrefixList(prefixes=[m for m in metas if kind is None or m.kind == kind])
 
     @app.get("/v1/prefixes/{prefix_id}", response_model=PrefixMeta, tags=["prefixes"])
     async def get_prefix(self, prefix_id: str, request: Request) -> PrefixMeta:

@@ -90,6 +90,7 @@ class WorkerSnapshot:
     fetch_seconds: HistSnapshot
     forward_seconds: HistSnapshot
     fetch_errors: int
+    rows_by_kind: tuple[tuple[str, int], ...] = ()  # (adapter kind, rows served), cumulative
 
     def histograms(self) -> dict[str, HistSnapshot]:
         return {name: getattr(self, name) for name in HISTOGRAMS}
@@ -107,9 +108,13 @@ class WorkerStats:
         self.fetch_seconds = Hist(SECONDS_BUCKETS)
         self.forward_seconds = Hist(SECONDS_BUCKETS)
         self.fetch_errors = 0
+        self.rows_by_kind: dict[str, int] = {}
         self._ray = _ray_metrics()
 
-    def batch(self, rows: int, adapters: int, seconds: float) -> None:
+    def batch(self, rows: int, adapters: int, seconds: float, kinds: Iterable[str] = ()) -> None:
+        """One forward: its rows, distinct adapters, seconds, and each row's adapter kind."""
+        for kind in kinds:
+            self.rows_by_kind[kind] = self.rows_by_kind.get(kind, 0) + 1
         self.batch_rows.observe(rows)
         self.batch_adapters.observe(adapters)
         self.forward_seconds.observe(seconds)
@@ -139,6 +144,7 @@ class WorkerStats:
             fetch_seconds=self.fetch_seconds.snapshot(),
             forward_seconds=self.forward_seconds.snapshot(),
             fetch_errors=self.fetch_errors,
+            rows_by_kind=tuple(sorted(self.rows_by_kind.items())),
         )
 
 
@@ -241,6 +247,9 @@ class _SnapshotCollector:
             "prefixserve_adapter_cache_resident_bytes", "device bytes held by adapters", labels=["replica"]
         )
         fetch_err = CounterMetricFamily("prefixserve_store_fetch_errors", "failed adapter fetches", labels=["replica"])
+        by_kind = CounterMetricFamily(
+            "prefixserve_rows_by_kind", "rows served, by adapter kind", labels=["replica", "kind"]
+        )
         hists = {
             field: HistogramMetricFamily(metric, help_text, labels=["replica"])
             for field, (metric, help_text) in HISTOGRAMS.items()
@@ -251,9 +260,12 @@ class _SnapshotCollector:
                 fam.add_metric(rep, float(getattr(cache, name)))
             resident.add_metric(rep, float(cache.resident_bytes))
             fetch_err.add_metric(rep, float(snap.fetch_errors))
+            for kind, n in snap.rows_by_kind:
+                by_kind.add_metric([snap.replica, kind], float(n))
             for name, hist in snap.histograms().items():
                 hists[name].add_metric(rep, hist.cumulative(), hist.sum)
         yield from counters.values()
         yield resident
         yield fetch_err
+        yield by_kind
         yield from hists.values()

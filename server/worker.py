@@ -206,7 +206,9 @@ class Worker:
     def _forward(self, rows: list[Row]) -> list[RowResult]:
         t0 = time.perf_counter()
         out = self._predict_isolating(rows)
-        self.stats.batch(len(rows), len({r.adapter.key for r in rows}), time.perf_counter() - t0)
+        self.stats.batch(
+            len(rows), len({r.adapter.key for r in rows}), time.perf_counter() - t0, (r.adapter.kind for r in rows)
+        )
         return out
 
     def _predict_isolating(self, rows: list[Row]) -> list[RowResult]:

@@ -28,6 +28,7 @@ from .config import (
     ScheduleOptions,
     TrainConfig,
     TuningOptions,
+    WeightOptions,
     parts_of,
 )
 
@@ -39,6 +40,7 @@ _GROUPS: dict[type, str | None] = {
     RunOptions: None,
     DataOptions: "data (NSMC TSV natively; CSV, JSONL)",
     PrefixOptions: "prefix projection",
+    WeightOptions: "weight adapters (--kind lora | ia3 | bottleneck)",
     ScheduleOptions: "optimisation",
     TuningOptions: "optimisation",
 }
@@ -179,9 +181,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
         formatter_class=_HelpFormatter,
-        help="train a tenant's prefix/prompt adapter",
-        description="Train a prefix (P-Tuning v2) or soft prompt plus a classification head on a "
-        "frozen backbone; write the packed adapter and <out>.log.json; optionally upload it.",
+        help="train a tenant's adapter (prefix, prompt, lora, ia3, bottleneck)",
+        description="Train a prefix (P-Tuning v2), soft prompt, LoRA, IA3 or bottleneck adapter plus a "
+        "classification head on a frozen backbone; write the packed adapter and <out>.log.json; optionally "
+        "upload it.",
     )
     add_config_options(p, TrainConfig, exclusive=("eval", "eval_split"))
     u = p.add_argument_group("upload")

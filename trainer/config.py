@@ -27,14 +27,29 @@ from .data import LABEL_COLUMNS, TEXT_COLUMNS
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-AdapterKind = Literal["prefix", "prompt"]
+VirtualKind = Literal["prefix", "prompt"]  # virtual tokens (prefixserve.adapters.kinds.VIRTUAL_KINDS)
+WeightKind = Literal["lora", "ia3", "bottleneck"]  # the encoder's own computation (kinds.WEIGHT_KINDS)
+AdapterKind = Literal[VirtualKind, WeightKind]
+BottleneckPreset = Literal["pfeiffer", "houlsby"]
 PrefixInit = Literal["random", "tokens"]
 DataFormat = Literal["tsv", "csv", "jsonl"]
 
 DEFAULT_NUM_VIRTUAL_TOKENS = 20  # train without --num-virtual-tokens or --init-from, and pretrain
 # High for prefix/prompt tuning (P-Tuning v2 uses 5e-3..1e-2): few CPU steps; see train.py's docstring.
 VIRTUAL_TOKEN_LR = 3e-2
-TABLE1_ROWS = ("probe", "prefix", "ft", "prefix_ft")
+# Weight kinds: the top of each method's usual range, as CPU budgets allow few steps. LoRA 1e-3 (the LoRA
+# paper's RoBERTa-base GLUE runs use 4e-4..5e-4 over many more steps), IA3 1e-2 (its vectors start at 1 and
+# move slowly; T-Few uses 3e-3), bottleneck 1e-3 (AdapterHub's 1e-4..1e-3; the adapter starts near 0).
+# Checked, not swept: bench/accuracy.py --quick (Rotten Tomatoes, MiniLM), where each beats the prefix row.
+KIND_LR: dict[str, float] = {
+    "prefix": VIRTUAL_TOKEN_LR,
+    "prompt": VIRTUAL_TOKEN_LR,
+    "lora": 1e-3,
+    "ia3": 1e-2,
+    "bottleneck": 1e-3,
+}
+TABLE1_ROWS = ("probe", "prefix", "ft", "prefix_ft")  # the paper's Table 1: experiment's default rows
+EXTRA_ROWS = ("prompt", "lora", "ia3", "bottleneck")  # one row per other servable kind (--rows)
 
 
 # ---- parts --------------------------------------------------------------------------------------
@@ -89,7 +104,13 @@ class ScheduleOptions:
 class TuningOptions:
     """Optimisation of a classification task (``train`` and every row of ``experiment table1``)."""
 
-    lr: float | None = field(default=None, metadata={"help": f"virtual-token LR; unset: {VIRTUAL_TOKEN_LR:g}"})
+    lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "adapter LR (virtual tokens or weight adapter; no weight decay); unset: by kind, "
+            + ", ".join(f"{k} {v:g}" for k, v in KIND_LR.items())
+        },
+    )
     head_lr: float = field(default=1e-2, metadata={"help": "classification-head LR"})
     backbone_lr: float = field(default=3e-5, metadata={"help": "full fine-tuning only"})
     weight_decay: float = field(default=0.01, metadata={"help": "head/backbone matrices only"})
@@ -100,10 +121,45 @@ class TuningOptions:
     )
 
 
+@dataclass(kw_only=True)
+class WeightOptions:
+    """The weight kinds' settings (``--kind lora|ia3|bottleneck``); each maps onto its package's config."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA: rank r of every update B @ A"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA: the update is scaled by alpha / r"})
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["query", "value"],
+        metadata={
+            "help": "LoRA: comma list of modules (query,key,value,attention.output.dense,intermediate.dense,"
+            "output.dense; 'output.dense' also matches attention's, as in PEFT)"
+        },
+    )
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the update's input, training only"})
+    rslora: bool = field(default=False, metadata={"help": "LoRA: rank-stabilised scale alpha / sqrt(r)"})
+    ia3_targets: list[str] | None = field(
+        default=None, metadata={"help": "IA3: comma list of scaled modules; unset: PEFT's key,value,output.dense"}
+    )
+    ia3_feedforward: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "IA3: targets whose input (not output) is scaled, a subset of the targets; "
+            "unset: PEFT's output.dense (with PEFT's targets), else none"
+        },
+    )
+    bottleneck: BottleneckPreset = field(
+        default="pfeiffer",
+        metadata={"help": "bottleneck: pfeiffer (after the FFN, relu) or houlsby (after attention and FFN, swish)"},
+    )
+    reduction_factor: float = field(
+        default=16, metadata={"help": "bottleneck: adapter width = hidden // reduction factor"}
+    )
+
+
 OPTION_PARTS: tuple[type[DataclassInstance], ...] = (
     RunOptions,
     DataOptions,
     PrefixOptions,
+    WeightOptions,
     ScheduleOptions,
     TuningOptions,
 )
@@ -111,11 +167,15 @@ OPTION_PARTS: tuple[type[DataclassInstance], ...] = (
 
 # ---- configs ------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
-class TrainConfig(TuningOptions, ScheduleOptions, PrefixOptions, DataOptions, RunOptions):
-    """``prefixserve train``: one tenant's prefix/prompt + head (see :mod:`.train`)."""
+class TrainConfig(TuningOptions, ScheduleOptions, WeightOptions, PrefixOptions, DataOptions, RunOptions):
+    """``prefixserve train``: one tenant's adapter + head (see :mod:`.train`)."""
 
     kind: AdapterKind | None = field(  # None (code only): head only, the linear-probe / fine-tuning rows
-        default="prefix", metadata={"help": "prefix (per-layer K/V, P-Tuning v2) or prompt (soft prompt)"}
+        default="prefix",
+        metadata={
+            "help": "prefix (per-layer K/V, P-Tuning v2), prompt (soft prompt), lora (low-rank updates), "
+            "ia3 (learned scaling vectors) or bottleneck (AdapterHub's Pfeiffer/Houlsby adapters)"
+        },
     )
     num_virtual_tokens: int | None = field(
         default=None, metadata={"help": f"unset: {DEFAULT_NUM_VIRTUAL_TOKENS}, or --init-from's length"}
@@ -147,7 +207,7 @@ class PretrainConfig(ScheduleOptions, PrefixOptions, RunOptions):
 
 
 @dataclass(kw_only=True)
-class ExperimentConfig(TuningOptions, ScheduleOptions, PrefixOptions, DataOptions, RunOptions):
+class ExperimentConfig(TuningOptions, ScheduleOptions, WeightOptions, PrefixOptions, DataOptions, RunOptions):
     """``prefixserve experiment table1``: one TrainConfig per row (see :mod:`.experiment`)."""
 
     out: str = field(default="table1", metadata={"help": "output folder"})
@@ -160,7 +220,8 @@ class ExperimentConfig(TuningOptions, ScheduleOptions, PrefixOptions, DataOption
         default=None, metadata={"help": "P of the prefix+fine-tuning row; unset: the first of --lengths"}
     )
     rows: list[str] = field(
-        default_factory=lambda: list(TABLE1_ROWS), metadata={"help": "subset of " + ",".join(TABLE1_ROWS)}
+        default_factory=lambda: list(TABLE1_ROWS),
+        metadata={"help": "rows, comma-separated: " + ",".join(TABLE1_ROWS + EXTRA_ROWS)},
     )
 
 

@@ -2,15 +2,18 @@
 
 Rows (same train/eval subsample, same seed, same epochs/patience for every row):
 
-=============================  ============================================================  ==========
-row                            trainable                                                     servable
-=============================  ============================================================  ==========
-linear probe                   head only (frozen backbone)                                   no (no virtual tokens)
-prefix P=L (each ``lengths``)  prefix + head (frozen backbone)                               yes
-prefix P=L, pre-trained init   same, prefix initialised from ``--init-from``                 yes
-full fine-tuning               backbone (``backbone_lr``) + head                             no (own backbone)
-prefix + full fine-tuning      prefix + backbone + head, P = ``ft_prefix_length``            no (own backbone)
-=============================  ============================================================  ==========
+=============================  ===============================================================  ==========
+row                            trainable                                                        servable
+=============================  ===============================================================  ==========
+linear probe                   head only (frozen backbone)                                      no (no adapter)
+prefix P=L (each ``lengths``)  prefix + head (frozen backbone)                                  yes
+prefix P=L, pre-trained init   same, prefix initialised from ``--init-from``                    yes
+prompt (``--rows prompt``)     soft prompt, Q = the first of ``lengths``, + head                yes
+lora, ia3, bottleneck          the weight adapter (``--lora-*``, ``--ia3-*``, ``--bottleneck``)   yes
+                               + head (``--rows lora,ia3,bottleneck``)
+full fine-tuning               backbone (``backbone_lr``) + head                                no (own backbone)
+prefix + full fine-tuning      prefix + backbone + head, P = ``ft_prefix_length``               no (own backbone)
+=============================  ===============================================================  ==========
 
 Decisions: the fine-tuning rows train a deep copy of the backbone (the frozen rows share one instance whose
 checksum is verified unchanged); lengths that leave no room for text on the backbone are skipped and listed.
@@ -60,6 +63,16 @@ def plan(cfg: ExperimentConfig, max_virtual: int) -> tuple[list[tuple[str, dict[
                     dict(kind="prefix", init_from=cfg.init_from, num_virtual_tokens=None, prefix_projection=False),
                 )
             )
+    if "prompt" in cfg.rows and ok:
+        rows.append((f"prompt Q={ok[0]} (frozen)", dict(kind="prompt", num_virtual_tokens=ok[0])))
+    if "lora" in cfg.rows:
+        targets = ",".join(cfg.lora_targets)
+        rows.append((f"LoRA r={cfg.lora_r} {targets} (frozen)", dict(kind="lora")))
+    if "ia3" in cfg.rows:
+        rows.append(("IA3 (frozen)", dict(kind="ia3")))
+    if "bottleneck" in cfg.rows:
+        name = f"bottleneck {cfg.bottleneck} rf={cfg.reduction_factor:g} (frozen)"
+        rows.append((name, dict(kind="bottleneck")))
     if "ft" in cfg.rows:
         rows.append(("full fine-tuning", dict(kind=None, train_backbone=True)))
     if "prefix_ft" in cfg.rows:

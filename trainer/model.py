@@ -1,4 +1,4 @@
-"""The trainable wrapper: frozen shared encoder + trainable virtual tokens + classification head.
+"""The trainable wrapper: frozen shared encoder + trainable adapter (virtual tokens or a weight adapter) + head.
 
 The forward pass goes through :class:`prefixserve.adapters.encoder.PackedEncoder` on packed batches - the very
 encoder the serving engine runs, with autograd - so what is trained is exactly what is served (no second
@@ -8,8 +8,15 @@ Decisions:
 * The encoder stays in **eval mode** even while training (``train()`` is overridden): it is frozen and
   shared, and its dropout would make the prefix learn to fight noise the server never applies. The only
   dropout is on the head's input (the token-0 hidden state), ``head_dropout`` (default 0.1).
+* A weight kind (``lora``, ``ia3``, ``bottleneck``) is its package's ``<Kind>Adapter`` module (a
+  :class:`~prefixserve.adapters.rowkinds.RowKind`), started by ``<Kind>Adapter.init`` as the reference library
+  starts it; the forward sets ``batch.hooks = SegmentHooks([(0, T, adapter)])``: one segment, the whole
+  stream, so training runs the exact code the engine serves (where each tenant has its own segment). The
+  adapter module follows ``train()``/``eval()`` (LoRA's dropout applies in training only); the encoder does not.
+  The trainer's options (:class:`~.config.WeightOptions`) map onto the package's config in :func:`weight_config`;
+  a BERT-style head with its own pooler adds ``modules_to_save=["pooler"]`` (LoRA, IA3), as PEFT would save it.
 * ``kind=None`` gives a head-only model (linear probe / full fine-tuning rows of Table 1); such a model has
-  no virtual tokens and cannot be exported as an adapter (the packed format needs ``prompt_embeddings``).
+  no adapter body and cannot be exported as an adapter.
 * ``train_backbone=True`` (full fine-tuning) makes the encoder's parameters trainable; the result is a
   full model, reported only, never servable on the shared backbone.
 * A soft prompt starts from the embeddings of random vocabulary tokens (seeded), which trains far better
@@ -26,8 +33,9 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +44,13 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from prefixserve.adapters.encoder import PackedEncoder
 from prefixserve.adapters.format import dump_packed
 from prefixserve.adapters.heads import ClassificationHead, expected_head_style
+from prefixserve.adapters.kinds import VIRTUAL_KINDS, WEIGHT_KINDS, weight_kind
 from prefixserve.adapters.packing import prefix_to_kv
 from prefixserve.adapters.prefix import PrefixConfig, PrefixEncoder
 from prefixserve.adapters.prompt import PromptConfig, PromptEncoder
+from prefixserve.adapters.rowkinds import SegmentHooks
 
-from .config import DEFAULT_NUM_VIRTUAL_TOKENS, PrefixOptions, TrainConfig
+from .config import DEFAULT_NUM_VIRTUAL_TOKENS, PrefixOptions, TrainConfig, WeightOptions
 
 if TYPE_CHECKING:
     from prefixserve.adapters.backbone import Backbone
@@ -57,6 +67,35 @@ def encoder_config(encoder: nn.Module) -> PretrainedConfig:
     if not isinstance(config, PretrainedConfig):
         raise TypeError(f"{type(encoder).__name__} has no transformers config: not a BERT/RoBERTa encoder")
     return config
+
+
+ADAPTER_CLASSES = {"lora": "LoraAdapter", "ia3": "IA3Adapter", "bottleneck": "BottleneckAdapter"}  # in each package
+
+
+def weight_config(kind: str, options: WeightOptions, own_pooler: bool = False) -> Any:
+    """The weight kind package's config (``LoraConfig`` / ``IA3Config`` / ``BottleneckConfig``) for the
+    trainer's options; ``own_pooler``: the head trains BERT's pooler (saved whole, as PEFT's modules_to_save)."""
+    pkg = weight_kind(kind)
+    saved = ["pooler"] if own_pooler else None
+    if kind == "lora":
+        return pkg.LoraConfig(
+            r=options.lora_r,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=list(options.lora_targets),
+            use_rslora=options.rslora,
+            modules_to_save=saved,
+        )
+    if kind == "ia3":
+        names: dict[str, Any] = {}  # unset: the package's defaults (PEFT's for BERT / RoBERTa / XLM-R)
+        if options.ia3_targets is not None:
+            names["target_modules"] = list(options.ia3_targets)
+            names["feedforward_modules"] = list(options.ia3_feedforward or [])
+        elif options.ia3_feedforward is not None:
+            names["feedforward_modules"] = list(options.ia3_feedforward)
+        return pkg.IA3Config(**names, modules_to_save=saved)
+    preset = pkg.BottleneckConfig.pfeiffer if options.bottleneck == "pfeiffer" else pkg.BottleneckConfig.houlsby
+    return preset(reduction_factor=options.reduction_factor)
 
 
 def tokenizer_of(backbone: Backbone) -> PreTrainedTokenizerBase:
@@ -84,6 +123,7 @@ class AdapterModel(nn.Module):
         train_backbone: bool = False,
         seed: int = 0,
         prefix_init: str = "random",  # PEFT's start; the trainer's own default is TrainConfig.prefix_init
+        weight_options: WeightOptions | None = None,  # weight kinds; None: the defaults of WeightOptions
     ):
         super().__init__()
         self.encoder = encoder
@@ -93,8 +133,12 @@ class AdapterModel(nn.Module):
         self.layers: int = c.num_hidden_layers
         self.heads: int = c.num_attention_heads
         self.hidden: int = c.hidden_size
-        self.vconfig: PrefixConfig | PromptConfig | None = None  # None: head only
+        self.vconfig: PrefixConfig | PromptConfig | None = None  # None: head only or a weight kind
         self.virtual: PrefixEncoder | PromptEncoder | None = None
+        self.wconfig: Any = None  # a weight kind's package config (LoraConfig, IA3Config, BottleneckConfig)
+        self.weights: nn.Module | None = None  # a weight kind's <Kind>Adapter (a RowKind)
+        style = expected_head_style(encoder)
+        own_pooler = style == "bert" and getattr(encoder, "pooler", None) is None  # see module docstring
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):  # seeded init, independent of the global RNG state
             torch.manual_seed(seed)
@@ -114,10 +158,11 @@ class AdapterModel(nn.Module):
                     )  # (Q,)
                     init = vocab.detach()[ids.to(vocab.device)].float().cpu()  # (Q, H)
                 self.vconfig, self.virtual = prompt, PromptEncoder(prompt, init)
+            elif kind in WEIGHT_KINDS:  # fresh, initialised as the reference library does (seeded above)
+                self.wconfig = weight_config(kind, weight_options or WeightOptions(), own_pooler)
+                self.weights = getattr(weight_kind(kind), ADAPTER_CLASSES[kind]).init(self.wconfig, c)
             elif kind is not None:
-                raise ValueError(f"kind must be 'prefix', 'prompt' or None, got {kind!r}")
-            style = expected_head_style(encoder)
-            own_pooler = style == "bert" and getattr(encoder, "pooler", None) is None  # see module docstring
+                raise ValueError(f"kind must be one of {VIRTUAL_KINDS + WEIGHT_KINDS} or None, got {kind!r}")
             self.head = ClassificationHead(self.hidden, num_labels, style, own_pooler=own_pooler)
         self.dropout = nn.Dropout(head_dropout)
         encoder.requires_grad_(train_backbone)
@@ -133,10 +178,16 @@ class AdapterModel(nn.Module):
         self.encoder.eval()  # frozen/shared encoder: deterministic, as served (see module docstring)
         return self
 
+    @property
+    def body_group(self) -> str:
+        """Name of the adapter's parameter group: ``virtual`` (prefix, prompt, head only) or ``weights``."""
+        return "weights" if self.weights is not None else "virtual"
+
     def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Parameter groups by role: ``virtual``, ``head``, ``backbone`` (only when fine-tuning)."""
+        """Parameter groups by role: the adapter's (:attr:`body_group`), ``head``, ``backbone`` (when fine-tuning)."""
+        body = self.weights if self.weights is not None else self.virtual
         groups = {
-            "virtual": [] if self.virtual is None else list(self.virtual.parameters()),
+            self.body_group: [] if body is None else list(body.parameters()),
             "head": list(self.head.parameters()),
             "backbone": list(self.encoder.parameters()) if self.train_backbone else [],
         }
@@ -152,22 +203,35 @@ class AdapterModel(nn.Module):
             else:
                 prompts = [flat] * b  # (Q, H), shared
         batch = self.encoder.pack(ids, types, prompts=prompts, prefixes=prefixes)
+        if self.weights is not None:  # one segment: the whole stream (the engine gives each tenant its own)
+            batch.hooks = SegmentHooks([(0, batch.num_tokens, self.weights)])  # type: ignore[list-item]
         hidden = self.encoder(batch)  # (T, H): real tokens only; a prompt row starts with its prompt
         first = self.dropout(self.encoder.first_tokens(hidden, batch))  # (B, 1, H): token 0 is all either head reads
         return self.head(first, self.encoder.pooler)  # (B, C)
 
     # ---- export ---------------------------------------------------------------------------------
     def peft_config(self, base_model: str = "") -> dict[str, object]:
+        """The packed file's ``adapter_config`` (``peft_type`` names the kind; ``task_type`` SEQ_CLS)."""
+        if self.wconfig is not None:
+            cfg = self.wconfig
+            if hasattr(cfg, "base_model_name_or_path"):  # LoRA, IA3 (PEFT configs); bottleneck has none
+                cfg = dataclasses.replace(cfg, base_model_name_or_path=base_model)
+            return {**cfg.to_config_dict(), "task_type": "SEQ_CLS"}
         if self.vconfig is None:
             raise ValueError("a head-only model has no adapter to export")
         return self.vconfig.to_peft_dict(base_model)
 
     def adapter_tensors(self) -> dict[str, Tensor]:
-        """PEFT's tensors: ``prompt_embeddings`` (materialised), ``base_model.classifier.*`` and, when the head
-        has its own pooler, ``base_model.bert.pooler.dense.*`` (CPU, fp32)."""
-        if self.virtual is None:
+        """The packed tensors: the body (``prompt_embeddings`` materialised, or the weight adapter's
+        ``encoder.layer.{i}.*``), ``base_model.classifier.*`` and, when the head has its own pooler,
+        ``base_model.bert.pooler.dense.*`` (CPU, fp32)."""
+        if self.weights is not None:
+            body: dict[str, Tensor] = self.weights.body()  # type: ignore[operator]
+        elif self.virtual is not None:
+            body = {"prompt_embeddings": self.virtual.materialise()}
+        else:
             raise ValueError("a head-only model has no adapter to export")
-        tensors = {"prompt_embeddings": self.virtual.materialise(), **self.head.peft_state()}
+        tensors = {**body, **self.head.peft_state()}
         return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
 
     def export(self, labels: list[str], fingerprint: str, base_model: str = "") -> bytes:

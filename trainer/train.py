@@ -1,11 +1,14 @@
-"""``prefixserve train``: fit one tenant's prefix/prompt + head on a frozen shared backbone.
+"""``prefixserve train``: fit one tenant's adapter (prefix, prompt, LoRA, IA3, bottleneck) + head on a frozen
+shared backbone.
 
 Decisions (defaults after P-Tuning v2, tuned on Rotten Tomatoes with all-MiniLM-L6-v2, see bench/accuracy.py):
 * AdamW, three parameter groups: virtual tokens (``lr``, high: 3e-2 - above P-Tuning v2's 5e-3..1e-2
   because CPU budgets allow few steps; 1e-2 learnt almost nothing in 4 epochs of 400 Rotten Tomatoes rows -
-  no weight decay: shrinking K/V towards 0 is not a prior we want), head (``head_lr`` 1e-2, ``weight_decay``
-  on matrices), backbone (``backbone_lr`` 3e-5, full fine-tuning only). Linear warmup (``warmup`` < 1 is a
-  fraction of all steps, else a step count) then linear decay to 0. Gradient norm clipped at 1.0.
+  no weight decay: shrinking K/V towards 0 is not a prior we want; weight kinds: the per-kind defaults of
+  :data:`~.config.KIND_LR`, no weight decay either - IA3's vectors start at 1), head (``head_lr`` 1e-2,
+  ``weight_decay`` on matrices), backbone (``backbone_lr`` 3e-5, full fine-tuning only). Linear warmup
+  (``warmup`` < 1 is a fraction of all steps, else a step count) then linear decay to 0. Gradient norm
+  clipped at 1.0.
 * Per-epoch eval (accuracy, macro-F1); the best epoch by accuracy (ties: macro-F1, then earlier) is kept and
   exported; ``patience`` epochs without improvement stop training (0 = never stop early).
 * The prefix starts from the keys/values the frozen encoder computes for random real tokens
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefixserve.adapters.errors import BadRequestError, PrefixServeError
 
-from .config import DEFAULT_NUM_VIRTUAL_TOKENS, VIRTUAL_TOKEN_LR, TrainConfig  # TrainConfig: public here too
+from .config import DEFAULT_NUM_VIRTUAL_TOKENS, KIND_LR, VIRTUAL_TOKEN_LR, TrainConfig  # TrainConfig: public too
 
 if TYPE_CHECKING:
     import torch
@@ -120,10 +123,10 @@ def _optimizer(
     import torch
 
     groups = model.trainable_parameters()
-    lr = cfg.lr if cfg.lr is not None else VIRTUAL_TOKEN_LR
+    lr = cfg.lr if cfg.lr is not None else KIND_LR.get(cfg.kind or "", VIRTUAL_TOKEN_LR)
     param_groups: list[dict[str, Any]] = []
-    if groups["virtual"]:
-        param_groups.append({"params": groups["virtual"], "lr": lr, "weight_decay": 0.0})
+    if groups[model.body_group]:
+        param_groups.append({"params": groups[model.body_group], "lr": lr, "weight_decay": 0.0})
     for name, group_lr in (("head", cfg.head_lr), ("backbone", cfg.backbone_lr)):
         decay = [p for p in groups[name] if p.ndim >= 2]
         no_decay = [p for p in groups[name] if p.ndim < 2]  # biases, LayerNorm
@@ -158,8 +161,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
     from .model import AdapterModel, batches, tokenize, tokenizer_of
     from .pretrain import load_prefix_init
 
-    if cfg.kind not in ("prefix", "prompt", None):
-        raise BadRequestError(f"--kind must be prefix or prompt, got {cfg.kind!r}", code="bad_kind")
+    if cfg.kind is not None and cfg.kind not in KIND_LR:
+        raise BadRequestError(f"--kind must be one of {', '.join(KIND_LR)}, got {cfg.kind!r}", code="bad_kind")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise BadRequestError("--epochs and --batch-size must be >= 1", code="bad_args")
     started = time.time()
@@ -181,7 +184,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
                 "--init-from gives a materialised prefix; it cannot seed --prefix-projection", code="bad_init"
             )
     p = cfg.num_virtual_tokens or (init.shape[0] if init is not None else DEFAULT_NUM_VIRTUAL_TOKENS)
-    p = p if cfg.kind else 0
+    p = p if cfg.kind in ("prefix", "prompt") else 0  # weight kinds and head only: no virtual tokens
     room = backbone.encoder.text_room(p, cfg.max_length)
     if room < 3:
         raise BadRequestError(f"--num-virtual-tokens {p} leaves no room for text on this backbone", code="too_long")
@@ -199,6 +202,7 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         train_backbone=cfg.train_backbone,
         seed=cfg.seed,
         prefix_init=cfg.prefix_init,
+        weight_options=cfg,
     )
     tokenizer = tokenizer_of(backbone)
     train_rows = tokenize(tokenizer, train_ds.examples, labels, room)

@@ -154,6 +154,22 @@ def test_previous_engine_baseline_computes_the_same_logits(bench_dirs):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_kinds_bench_mixes_every_kind(bench_dirs):
+    from bench import kinds as kb
+
+    common_args, out = bench_dirs
+    r = kb.main(common_args + ["--per-kind", "4", "--rows", "16", "--batch", "8", "--reps", "1"])
+    assert set(r["variants"]) == {
+        "backbone-only",
+        "mixed-all-kinds",
+        "mixed-weight-kinds",
+        *(f"only-{k}" for k in kb.KINDS),
+    }
+    assert r["setup"]["cache"]["misses"] == 0 and set(r["memory"]) == set(kb.KINDS)
+    assert set(r["variants"]["mixed-all-kinds"]["rows_by_kind"]) == set(kb.KINDS)
+    assert (out / "kinds_cost.png").stat().st_size > 1000
+
+
 def test_attention_plan_reports_a_winner(bench_dirs):
     common_args, out = bench_dirs
     result = attention_plan.main(

@@ -4,6 +4,7 @@ replica start-up dominate the cost)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -213,6 +214,59 @@ def test_concurrent_mixed_equals_single(server, tmp_path):
     assert "prefixserve_batch_rows_bucket" in metrics and "prefixserve_requests_total" in metrics
     rows = [line for line in metrics.splitlines() if line.startswith("prefixserve_batch_adapters_sum")]
     assert rows, metrics[:2000]
+
+
+def test_every_kind_uploads_lists_and_classifies(server, tmp_path):
+    """LoRA (PEFT multipart), IA3 and a bottleneck adapter (packed) beside a prefix: each upload reports its
+    kind, ``?kind=`` filters the list, each classifies like PEFT (or the engine for bottleneck), and the
+    Worker counts rows by kind."""
+    from transformers import AutoTokenizer
+
+    from prefixserve.adapters.backbone import load_backbone
+    from prefixserve.adapters.engine import Engine, Row
+    from prefixserve.adapters.synthetic import random_adapter
+
+    c, key = server["client"], new_tenant(server, "kindsco")
+    tok = AutoTokenizer.from_pretrained(server["backbone"])
+    folder = make_peft_adapter(server["backbone"], tmp_path / "lora", "lora", 0, 2, seed=3, scale=0.3)
+    files = {
+        "adapter_config": Path(f"{folder}/adapter_config.json").read_bytes(),
+        "adapter_model": Path(f"{folder}/adapter_model.safetensors").read_bytes(),
+    }
+    r = c.put("/v1/prefixes/lora-sent", files=files, headers=bearer(key))
+    assert r.status_code == 201 and r.json()["kind"] == "lora" and r.json()["num_virtual_tokens"] == 0, r.text
+    bb = load_backbone(server["backbone"], device="cpu")
+    kinds = {"ia3": "ia3-one", "bottleneck": "bn-one", "prefix": "pre-one"}
+    packed = {}
+    for i, (kind, pid) in enumerate(kinds.items()):
+        packed[pid] = random_adapter(bb.config, server["fingerprint"], kind=kind, num_virtual_tokens=4, seed=40 + i)
+        r = put_packed(server, key, pid, packed[pid])
+        assert r.status_code == 201 and r.json()["kind"] == kind, r.text
+    listed = c.get("/v1/prefixes", headers=bearer(key)).json()["prefixes"]
+    assert {(m["prefix_id"], m["kind"]) for m in listed} == {("lora-sent", "lora"), *((v, k) for k, v in kinds.items())}
+    only = c.get("/v1/prefixes", params={"kind": "bottleneck"}, headers=bearer(key)).json()["prefixes"]
+    assert [m["prefix_id"] for m in only] == ["bn-one"]
+    r = c.get("/v1/prefixes", params={"kind": "bogus"}, headers=bearer(key))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+    assert c.get("/v1/prefixes", params={"kind": "bogus"}).status_code == 401  # auth first
+
+    want, _ = peft_logits(server["backbone"], folder, 2, tok, TEXTS)
+    r = classify(c, key, "lora-sent", TEXTS)
+    assert r.status_code == 200, r.text
+    for pred, logits in zip(r.json()["predictions"], want):
+        probs = torch.softmax(logits, -1).tolist()
+        assert_scores_close(pred["scores"], {"LABEL_0": probs[0], "LABEL_1": probs[1]})
+    engine = Engine(bb)
+    for pid, data in packed.items():
+        a = engine.adapter(pid, functools.partial(bytes, data))
+        r = classify(c, key, pid, TEXTS)
+        assert r.status_code == 200, r.text
+        for pred, ref in zip(r.json()["predictions"], engine.predict([Row(a, t) for t in TEXTS])):
+            assert pred["label"] == ref.label
+            assert_scores_close(pred["scores"], ref.scores)
+    metrics = c.get("/metrics", headers=bearer(server["admin"])).text
+    for kind in ("lora", "ia3", "bottleneck", "prefix"):
+        assert f'kind="{kind}"' in metrics and "prefixserve_rows_by_kind_total" in metrics, kind
 
 
 def test_isolation(server, tmp_path):

@@ -146,7 +146,7 @@ def test_not_a_prefixserve_file_and_no_pickle(packed, tmp_path):
 def test_unsupported_peft_type_and_extra_tensors(packed):
     data = packed[3]
     af = load_packed(data)
-    assert _code(_rebuild(data, config=dict(af.peft_config, peft_type="LORA"))) == "unsupported_peft_type"
+    assert _code(_rebuild(data, config=dict(af.peft_config, peft_type="ADALORA"))) == "unsupported_peft_type"
     assert _code(_rebuild(data, tensors={**af.tensors, "evil": torch.zeros(1)})) == "bad_tensors"
 
 

@@ -139,7 +139,7 @@ def test_metrics_render_with_worker_snapshot():
     from prefixserve.server.metrics import IngressMetrics, WorkerStats
 
     stats = WorkerStats("r1")
-    stats.batch(rows=5, adapters=3, seconds=0.01)
+    stats.batch(rows=5, adapters=3, seconds=0.01, kinds=["lora", "prefix", "lora", "ia3", "bottleneck"])
     stats.fetch(0.002)
     m = IngressMetrics()
     m.observe("/v1/classify", "acme", 200, 0.02)
@@ -152,3 +152,5 @@ def test_metrics_render_with_worker_snapshot():
     assert 'prefixserve_adapter_cache_hits_total{replica="r1"} 4.0' in text
     assert 'prefixserve_batch_rows_bucket{le="8",replica="r1"} 1.0' in text
     assert 'prefixserve_batch_adapters_sum{replica="r1"} 3.0' in text
+    assert 'prefixserve_rows_by_kind_total{kind="lora",replica="r1"} 2.0' in text
+    assert 'prefixserve_rows_by_kind_total{kind="bottleneck",replica="r1"} 1.0' in text
