@@ -188,7 +188,7 @@ class Engine:
             prompts=[rows[i].adapter.virtual if rows[i].adapter.kind == "prompt" else None for i in order],
             prefixes=[rows[i].adapter.virtual if rows[i].adapter.kind == "prefix" else None for i in order],
         )
-        starts = batch.cu_seqlens.tolist()  # (B+1,) row offsets in the stream
+        starts = batch.row_starts or batch.cu_seqlens.tolist()  # (B+1,) row offsets in the stream
         segments, pos = [], 0
         for idx in groups.values():
             weights = rows[idx[0]].adapter.weights

@@ -63,6 +63,7 @@ class PackedBatch:
     groups: list[AttentionGroup] | None  # None: varlen attention over the whole stream
     group_order: Tensor | None  # (T,) long: stream slot -> row in the concatenated group outputs
     hooks: SegmentHooks | None = None  # weight adapters (LoRA, IA3, bottleneck) per row segment (.rowkinds)
+    row_starts: list[int] | None = None  # (B+1,) cu_seqlens on the host: segments without a device sync
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +193,7 @@ def pack(
         max_k=max(k_lens, default=0),
         groups=groups,
         group_order=group_order,
+        row_starts=starts,
     )
 
 
