@@ -1,0 +1,1 @@
+"""prefixserve's Python client (sync and async): see :mod:`.http`."""
