@@ -63,6 +63,26 @@ _HEAD_NAMES = {
 _LINEAR_OUTSIDE = {"bert": ("bert.pooler.dense",), "roberta": ("classifier.dense", "classifier.out_proj")}
 
 
+# adapter_config fields that never change the math (bookkeeping PEFT writes for every type)
+BOOKKEEPING_FIELDS = (
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "peft_version",
+    "auto_mapping",
+    "inference_mode",
+)
+
+
+def require_targets(resolved: Mapping[tuple[int, str], Any], others: list[str]) -> None:
+    """A fresh adapter's targets: some of the encoder's linear modules, and nothing else."""
+    if others:
+        raise bad(f"target_modules also matches {short(others[0], 60)}: not supported", "unsupported_target")
+    if not resolved:
+        raise bad("target_modules matches none of the encoder's linear modules", "unsupported_target")
+
+
 def bad(message: str, code: str) -> InvalidAdapterError:
     return InvalidAdapterError(message, code=code)
 

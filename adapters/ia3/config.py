@@ -15,13 +15,7 @@ PEFT_TYPE = "IA3"
 KIND = "ia3"
 SUFFIX = "ia3_l"
 FREE_FIELDS = (
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "peft_version",
-    "auto_mapping",
-    "inference_mode",
+    *pw.BOOKKEEPING_FIELDS,
     "target_modules",
     "feedforward_modules",
     "exclude_modules",

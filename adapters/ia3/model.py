@@ -96,10 +96,7 @@ class IA3Adapter(nn.Module, PassThrough):
         attr = pw.attr_of(backbone_config.model_type)
         hidden, inter = backbone_config.hidden_size, backbone_config.intermediate_size
         resolved, others = resolve(config, attr, backbone_config.num_hidden_layers)
-        if others:
-            raise pw.bad(f"target_modules also matches {pw.short(others[0], 60)}: not supported", "unsupported_target")
-        if not resolved:
-            raise pw.bad("target_modules matches none of the encoder's linear modules", "unsupported_target")
+        pw.require_targets(resolved, others)
         targets = {}
         for (layer, module), ff in resolved.items():
             shape = expected_shape(module, ff, hidden, inter)

@@ -39,13 +39,7 @@ OFF_FIELDS = (
 )
 # fields with no effect on the inference math (training-time or bookkeeping), validated where they matter
 FREE_FIELDS = (
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "peft_version",
-    "auto_mapping",
-    "inference_mode",
+    *pw.BOOKKEEPING_FIELDS,
     "megatron_core",
     "qalora_group_size",
     "ensure_weight_tying",

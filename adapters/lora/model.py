@@ -135,10 +135,7 @@ class LoraAdapter(nn.Module, PassThrough):
         attr = pw.attr_of(backbone_config.model_type)
         hidden, inter = backbone_config.hidden_size, backbone_config.intermediate_size
         resolved, others = scales(config, attr, backbone_config.num_hidden_layers)
-        if others:
-            raise pw.bad(f"target_modules also matches {pw.short(others[0], 60)}: not supported", "unsupported_target")
-        if not resolved:
-            raise pw.bad("target_modules matches none of the encoder's linear modules", "unsupported_target")
+        pw.require_targets(resolved, others)
         init = config["init_lora_weights"]
         if init not in (True, False, "gaussian"):
             raise pw.bad(
