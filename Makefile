@@ -37,9 +37,10 @@ test-fast: $(STAMP)
 # mypy cannot map prefixserve.<folder> to the top-level folders (setuptools package-dir): link them
 $(TYPECHECK):
 	mkdir -p $@
-	for d in adapters server trainer; do ln -sfn ../../../$$d $@/$$d; done
+	for d in adapters client server trainer; do ln -sfn ../../../$$d $@/$$d; done
 
 lint: $(STAMP) $(TYPECHECK)
+	test -e $(TYPECHECK)/client || ln -sfn ../../../client $(TYPECHECK)/client
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -60,7 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("peft_dir", help="PEFT folder, or AdapterHub folder (safetensors only; .bin is refused)")
     p.add_argument("-o", "--output", required=True, help="packed .safetensors to write")
-    p.add_argument("--backbone", help="hub id or folder of the backbone (its fingerprint is recorded)")
+    p.add_argument(
+        "--backbone",
+        help="hub id or folder of the backbone (its fingerprint is recorded); REQUIRED unless --fingerprint is "
+        "given or the folder has prefixserve's prefixserve.json sidecar",
+    )
     p.add_argument("--fingerprint", help="backbone fingerprint, instead of loading --backbone")
     p.add_argument("--labels", help="label names: 'neg,pos' or a JSON list (default LABEL_0..)")
     p.set_defaults(func=_pack)

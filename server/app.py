@@ -21,9 +21,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .schemas import AppSettings
@@ -160,12 +163,38 @@ def ensure_port_free(host: str, port: int) -> None:
                 sock.listen(1)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
+                    owner = port_owner(port)
                     raise PrefixServeError(
-                        f"port {port} on {host} is already in use (another server listens there); "
+                        f"port {port} on {host} is already in use (by {owner or 'another process'}); "
                         "stop it or choose another --port",
                         code="port_in_use",
                         status=409,
                     ) from None
+
+
+def port_owner(port: int) -> str | None:
+    """``pid N (name)`` of a process listening on TCP ``port``, when this user can see it (Linux /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        # columns: sl local_address rem_address st ... inode (10th); st 0A = LISTEN
+        inodes.update(r[9] for r in rows if len(r) > 9 and r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port)
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in targets for fd in fds):
+                with open(f"/proc/{pid}/comm") as f:
+                    return f"pid {pid} ({f.read().strip()})"
+        except OSError:  # another user's process, or gone
+            continue
+    return None
 
 
 def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to_driver: bool | None = None) -> None:
@@ -220,3 +249,136 @@ def run_local(
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{host}:{port}"
+
+
+# ---- preflight: what `prefixserve serve` checks before Ray starts (each failure: one line, exit 2) --------
+HUB_TIMEOUT_S = 8.0  # a hub that cannot be reached fails the serve within this (no network: no hang)
+STORE_TIMEOUT_S = 5.0
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model")
+
+
+def _within(seconds: float, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a daemon thread, or a ``preflight_timeout`` error after ``seconds`` (DNS, a silent peer)."""
+    from prefixserve.adapters.errors import PrefixServeError
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"preflight-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise PrefixServeError(f"{what}: no answer within {seconds:g} s", code="preflight_timeout", status=503)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def check_store(url: str, timeout_s: float = STORE_TIMEOUT_S) -> None:
+    """The store answers and takes a write (file: the folder is writable; Redis: PING + a probe key)."""
+    from urllib.parse import urlsplit
+
+    from prefixserve.adapters.errors import PrefixServeError, StoreUnavailableError
+    from prefixserve.adapters.store import open_store
+
+    if url.startswith("memory://"):
+        return
+    parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never echo a password
+
+    def probe() -> None:
+        # redis: no retries (a restart is ridden out while serving, not at start) and short socket timeouts
+        opts: dict[str, Any] = {"retries": 0, "socket_timeout": 2.0} if parts.scheme.startswith("redis") else {}
+        store = open_store(url, pepper="preflight", **opts)  # hashes no keys: no "pepper not set" warning here
+        try:
+            store.ping()
+            store.check_writable()
+        finally:
+            store.close()
+
+    try:
+        _within(timeout_s, f"store {shown}", probe)
+    except PrefixServeError as exc:
+        raise StoreUnavailableError(f"store {shown} is not usable: {exc.message}", code="store_unavailable") from None
+    except OSError as exc:  # a file store whose root cannot be made
+        reason = exc.strerror or type(exc).__name__
+        raise StoreUnavailableError(f"store {shown} is not usable: {reason}", code="store_unavailable") from None
+
+
+def check_backbone(name: str, timeout_s: float = HUB_TIMEOUT_S) -> str:
+    """Where the backbone will come from (``folder``, ``cache`` or ``hub``), or a ``backbone_unavailable`` error.
+
+    Order: a local folder; the Hugging Face cache (config, weights and tokenizer all there: no network);
+    ``HF_HUB_OFFLINE`` (nothing more to try); the hub, for ``config.json`` only, within ``timeout_s``.
+    Reads JSON and the cache index only: no transformers import, no weights loaded.
+    """
+    from prefixserve.adapters.errors import PrefixServeError
+
+    def fail(message: str) -> PrefixServeError:
+        return PrefixServeError(message, code="backbone_unavailable", status=400)
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise fail(f"backbone folder {name} has no config.json (want a save_pretrained folder)")
+        return "folder"
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")) or name.endswith("/"):
+        raise fail(f"backbone folder {name} does not exist")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached(files: tuple[str, ...]) -> bool:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in files)
+
+    if cached(("config.json",)) and cached(_WEIGHTS) and cached(_TOKENIZER):
+        return "cache"
+    if constants.HF_HUB_OFFLINE:
+        raise fail(
+            f"backbone {name!r} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE}),"
+            " and HF_HUB_OFFLINE is set: pass a folder, or download it first (`hf download NAME`)"
+        )
+
+    import httpx
+    from huggingface_hub.utils import build_hf_headers
+
+    url = f"{constants.ENDPOINT}/{name}/resolve/main/config.json"
+
+    def head_config() -> int:
+        # ONE request: hf_hub_download retries a refused connection for ~90 s, logging every try
+        return httpx.head(url, headers=build_hf_headers(), timeout=timeout_s, follow_redirects=False).status_code
+
+    where = f"the Hugging Face hub ({constants.ENDPOINT})"
+    try:
+        status = _within(timeout_s, f"{where} for backbone {name!r}", head_config)
+    except PrefixServeError as exc:
+        raise fail(f"cannot reach {exc.message}; pass a local folder or a cached id") from None
+    except httpx.HTTPError as exc:  # refused, DNS failure, TLS, ...
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+        raise fail(f"cannot reach {where} for backbone {name!r} ({reason}); pass a local folder") from None
+    if status in (401, 403):
+        raise fail(f"backbone {name!r} is gated or private on {where}: set HF_TOKEN, or pass a local folder")
+    if status == 404:
+        raise fail(f"backbone {name!r} is not on {where} (check the id), and it is not a local folder")
+    if status >= 400:
+        raise fail(f"{where} answered HTTP {status} for backbone {name!r}")
+    return "hub"
+
+
+def preflight(settings: AppSettings, *, host: str, port: int, local: bool = True) -> str:
+    """Port (local mode), store, backbone: each fails in seconds with one line, before Ray starts.
+
+    Returns where the backbone comes from. Bounded hub timeouts are set in this process's env first, so
+    the local Ray workers inherit them (they load the backbone again, after this check).
+    """
+    for var, seconds in (("HF_HUB_ETAG_TIMEOUT", "5"), ("HF_HUB_DOWNLOAD_TIMEOUT", "30")):
+        os.environ.setdefault(var, seconds)
+    if local:
+        ensure_port_free(host, port)
+    check_store(settings.store)
+    return check_backbone(settings.backbone)

@@ -1,13 +1,14 @@
 """The ``Ingress`` deployment: FastAPI routes for auth, validation, limits and routing. No model code.
 
 Flow of ``POST /v1/classify``: body cap (:mod:`.middleware`) -> pydantic -> bearer key -> configured
-limits -> ``store.head`` (current version; 404 for a missing or foreign prefix) -> one Worker handle
+limits -> ``store.head`` (the served version: the pin, else the newest; or the request's ``version`` if
+kept; 404 for a missing or foreign prefix) -> one Worker handle
 call with a :class:`ClassifyCall` naming that exact :class:`AdapterRef` -> a typed
 :class:`ClassifyReply` -> :class:`ClassifyResponse` naming the version used. Errors: :mod:`.http_errors`.
 
 Decisions:
 * Coherence: the Ingress ``head``s the store on every classify (one Redis GET / one small file
-  read), so once a PUT or DELETE has returned, the very next request on any replica uses the new
+  read), so once a PUT, DELETE, rollback or unpin has returned, the very next request on any replica uses the new
   state; Worker caches are keyed by version and cannot serve a superseded one.
 * Uploads are validated here against the served backbone (``BackboneSpec`` fetched once from a
   Worker and cached; it never changes while the app runs) by the store's validator, so a rejected
@@ -24,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -39,7 +40,7 @@ from prefixserve.adapters.format import AdapterMeta
 from prefixserve.adapters.ratelimit import RateLimits, open_rate_limiter
 from prefixserve.adapters.ref import AdapterRef
 
-from . import http_errors, state
+from . import compat, docs, http_errors, state
 from .auth import METRICS_TOKEN_ENV, Authenticator, Principal, resolve_admin_key
 from .inputs import check_texts
 from .middleware import Gate
@@ -54,9 +55,12 @@ from .schemas import (
     PredictionOut,
     PrefixList,
     PrefixMeta,
+    RollbackRequest,
     TenantCreate,
     TenantCreated,
+    VersionList,
     prefix_meta,
+    version_list,
 )
 from .uploads import OPENAPI_BODY, read_upload
 
@@ -64,7 +68,8 @@ REPLICA_HEADER = "x-prefixserve-replica"
 LIMITS_TTL_S = 2.0  # how long an Ingress replica uses a tenant's limits before re-reading them
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
 
-app = FastAPI(
+# /docs and /redoc load their JS/CSS from the package (no CDN); the schema declares bearer auth
+app = docs.offline_app(
     title="prefixserve",
     version="0.1.0",
     responses=_ERRORS,
@@ -271,6 +276,25 @@ class Ingress:
         await asyncio.to_thread(self.store.delete, tenant, prefix_id)
         return Response(status_code=204)
 
+    # versions and rollback: a pin is in the store, and every classify heads it (all replicas at once)
+    @app.get("/v1/prefixes/{prefix_id}/versions", response_model=VersionList, tags=["prefixes"])
+    async def list_versions(self, prefix_id: str, request: Request) -> VersionList:
+        """The kept versions (newest first), the newest (``current``) and the pinned one (served if set)."""
+        tenant = await self._tenant(request)
+        return version_list(await asyncio.to_thread(self.store.history, tenant, prefix_id))
+
+    @app.post("/v1/prefixes/{prefix_id}/rollback", response_model=PrefixMeta, tags=["prefixes"])
+    async def rollback(self, prefix_id: str, body: RollbackRequest, request: Request) -> PrefixMeta:
+        """Serve kept version ``version`` (pin it) until ``DELETE .../pin`` or the next upload."""
+        tenant = await self._tenant(request)
+        return prefix_meta(await asyncio.to_thread(self.store.pin, tenant, prefix_id, body.version))
+
+    @app.delete("/v1/prefixes/{prefix_id}/pin", response_model=PrefixMeta, tags=["prefixes"])
+    async def unpin(self, prefix_id: str, request: Request) -> PrefixMeta:
+        """Serve the newest version again; returns it."""
+        tenant = await self._tenant(request)
+        return prefix_meta(await asyncio.to_thread(self.store.unpin, tenant, prefix_id))
+
     # ---- inference ------------------------------------------------------------------------------
     @app.post("/v1/classify", response_model=ClassifyResponse, tags=["inference"])
     async def classify(self, body: ClassifyRequest, request: Request, response: Response) -> ClassifyResponse:
@@ -289,7 +313,7 @@ class Ingress:
             await asyncio.to_thread(self.limiter.leave, tenant, slot)
 
     async def _classify(self, tenant: str, body: ClassifyRequest, response: Response) -> ClassifyResponse:
-        head = await asyncio.to_thread(self.store.head, tenant, body.prefix_id)
+        head = await asyncio.to_thread(self.store.head, tenant, body.prefix_id, body.version)  # None: served
         call = ClassifyCall(
             AdapterRef(tenant, body.prefix_id, head.version, head.sha256),
             tuple(body.inputs),
@@ -309,3 +333,41 @@ class Ingress:
             predictions=[PredictionOut(label=p.label, score=p.score, scores=p.scores) for p in predictions],
             truncated=[p.truncated for p in predictions],
         )
+
+    # ---- compatible shapes (server/compat.py): TEI /predict and /info, vLLM /classify ---------------
+    @app.post("/v1/prefixes/{prefix_id}/predict", response_model=compat.TeiPredictResponse, tags=["compatible"])
+    async def tei_predict(
+        self, prefix_id: str, body: compat.TeiPredictRequest, request: Request, response: Response
+    ) -> compat.TeiPredictResponse:
+        """Hugging Face TEI ``/predict`` with adapter ``prefix_id`` (a TEI client's base URL: /v1/prefixes/{id})."""
+        return body.answer(await self.classify(body.to_classify(prefix_id), request, response))
+
+    @app.post("/predict", response_model=compat.TeiPredictResponse, tags=["compatible"])
+    async def tei_predict_header(
+        self, body: compat.TeiPredictRequest, request: Request, response: Response
+    ) -> compat.TeiPredictResponse:
+        """TEI ``/predict``; the ``X-Prefix-Id`` header names the adapter."""
+        return await self.tei_predict(compat.required_prefix(request.headers), body, request, response)
+
+    @app.get("/v1/prefixes/{prefix_id}/info", response_model=compat.TeiInfo, tags=["compatible"])
+    async def tei_prefix_info(self, prefix_id: str, request: Request) -> compat.TeiInfo:
+        """TEI ``/info`` of one adapter (its labels as ``model_type.classifier``)."""
+        tenant = await self._tenant(request)
+        meta = prefix_meta(await asyncio.to_thread(self.store.head, tenant, prefix_id))
+        return compat.tei_info(self.settings, await self.worker_info(), meta)
+
+    @app.get("/info", response_model=compat.TeiInfo, tags=["compatible"])
+    async def tei_info(self, request: Request) -> compat.TeiInfo:
+        """TEI ``/info``: the adapter ``X-Prefix-Id`` names, else the server (backbone, no labels)."""
+        prefix_id = compat.header_prefix(request.headers)
+        if prefix_id is not None:
+            return await self.tei_prefix_info(prefix_id, request)
+        self._principal(request, "tenant", "admin")
+        return compat.tei_info(self.settings, await self.worker_info(), None)
+
+    @app.post("/classify", response_model=compat.VllmClassifyResponse, tags=["compatible"])
+    async def vllm_classify(
+        self, body: compat.VllmClassifyRequest, request: Request, response: Response
+    ) -> compat.VllmClassifyResponse:
+        """vLLM ``/classify``; ``model`` names the adapter (``id`` or ``id@version``)."""
+        return body.answer(await self.classify(body.to_classify(), request, response))

@@ -2,13 +2,14 @@
 
 Order for every request (pure ASGI: nothing has read the body yet):
 
-1. Public paths (health, OpenAPI docs) pass. Every other request must carry a valid bearer key, resolved
+1. Public paths (health, docs and their assets) pass. Every other request must carry a valid bearer key, resolved
    to a :class:`~.auth.Principal` from its headers alone; a missing or bad key gets 401 before a single
    byte of its body is read, so unauthenticated uploads cost the server nothing.
 2. ``Content-Length`` over the cap (the upload cap for ``PUT /v1/prefixes/...``, the request cap for
    everything else) gets 413 at once; a streamed body is counted as it is read and stops at the cap
    (413) without being buffered here.
-3. The route runs with ``request.state.principal`` set; the metrics record route, tenant, status,
+3. A body type the route does not read gets 415 (:func:`check_media_type`).
+4. The route runs with ``request.state.principal`` set; the metrics record route, tenant, status,
    latency and error code.
 """
 
@@ -28,6 +29,7 @@ from . import state
 from .http_errors import retry_after
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_ASSETS = "/docs/assets"  # Swagger UI / ReDoc JS and CSS from the package (server/docs.py): public too
 
 
 def body_cap(method: str, path: str) -> int:
@@ -74,9 +76,10 @@ class Gate:
 
     @staticmethod
     async def _admit(scope: Scope, rstate: dict[str, Any]) -> None:
-        """Raise the error that refuses this request (401, 413, 503), reading no body."""
+        """Raise the error that refuses this request (401, 413, 415, 503), reading no body."""
         path, root = scope["path"], scope.get("root_path", "")
-        if (path[len(root) :] if root and path.startswith(root) else path) in PUBLIC_PATHS:
+        path = path[len(root) :] if root and path.startswith(root) else path
+        if path in PUBLIC_PATHS or path.startswith(DOCS_ASSETS + "/"):
             return
         auth = state.auth
         if auth is None:
@@ -88,6 +91,29 @@ class Gate:
         cap = body_cap(scope["method"], scope["path"])
         if length is not None and length.isdigit() and int(length) > cap:
             raise PrefixServeError(f"request body exceeds {cap} bytes", code="body_too_large", status=413)
+        check_media_type(scope["method"], path, headers.get(b"content-type", b"").decode("latin-1"))
+
+
+def check_media_type(method: str, path: str, content_type: str) -> None:
+    """415 for a body type a route does not read: uploads take octet-stream or multipart, classify JSON.
+
+    After authentication (strangers get 401 first), before the body is read. No header at all passes
+    (HTTP lets a server assume the type; FastAPI reads such a classify body as JSON).
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
+    if not media:
+        return
+    wanted: tuple[str, ...]
+    if method == "PUT" and path.startswith("/v1/prefixes/"):
+        wanted = ("application/octet-stream", "multipart/form-data")
+    elif method == "POST" and path == "/v1/classify":
+        wanted = ("application/json",)
+    else:
+        return
+    if media not in wanted:
+        raise PrefixServeError(
+            f"{method} {path} takes {' or '.join(wanted)}, not {media}", code="unsupported_media_type", status=415
+        )
 
 
 def _capped(receive: Receive, cap: int) -> Receive:

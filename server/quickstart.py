@@ -105,6 +105,7 @@ def install_demo(url: str, admin_key: str, backbone_path: str) -> Path:
         _write_secret(key_file, key)
         data = demo_adapter(backbone_path, ready.json()["fingerprint"])
         (HOME / "demo_adapter.safetensors").write_bytes(data)
+        demo_peft_folder(data)
         r = c.put(
             f"/v1/prefixes/{DEMO_PREFIX}",
             content=data,
@@ -114,8 +115,19 @@ def install_demo(url: str, admin_key: str, backbone_path: str) -> Path:
     return key_file
 
 
+def demo_peft_folder(data: bytes) -> Path:
+    """The demo adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``, the files
+    ``PeftModel.save_pretrained`` writes) for the served backbone: what command 3 uploads as multipart."""
+    from prefixserve.adapters.peft_io import unpack
+
+    return unpack(data, HOME / "demo_peft")
+
+
 def howto(url: str, admin_file: Path | None, key_file: Path) -> str:
+    """Commands that work pasted, and again after another ``make run`` (tenant ``acme`` may exist: re-key it)."""
     admin = f"$(cat {admin_file})" if admin_file else "$PREFIXSERVE_ADMIN_KEY"
+    peft, packed = HOME / "demo_peft", HOME / "demo_adapter.safetensors"
+    api_key = 'python3 -c \'import sys,json; print(json.load(sys.stdin).get("api_key", ""))\''
     return f"""
 Try it (copy-paste into another terminal):
 
@@ -123,16 +135,18 @@ Try it (copy-paste into another terminal):
   curl -s {url}/v1/classify -H "Authorization: Bearer $(cat {key_file})" \\
        -H 'Content-Type: application/json' -d '{{"prefix_id": "{DEMO_PREFIX}", "inputs": ["this movie was great"]}}'
 
-  # 2. your own tenant (admin key: {admin_file or "$PREFIXSERVE_ADMIN_KEY"})
+  # 2. your own tenant (admin key: {admin_file or "$PREFIXSERVE_ADMIN_KEY"}); if acme exists (an earlier run), a new key
   KEY=$(curl -s -X POST {url}/v1/tenants -H "Authorization: Bearer {admin}" \\
-       -H 'Content-Type: application/json' -d '{{"tenant": "acme"}}' \\
-       | python3 -c 'import sys,json; print(json.load(sys.stdin)["api_key"])')
+       -H 'Content-Type: application/json' -d '{{"tenant": "acme"}}' | {api_key})
+  [ -n "$KEY" ] || KEY=$(curl -s -X POST {url}/v1/tenants/acme/keys -H "Authorization: Bearer {admin}" | {api_key})
 
-  # 3. upload a PEFT folder (PeftModel.save_pretrained) ...
+  # 3. upload a PEFT folder (PeftModel.save_pretrained; this one is the UNTRAINED demo, made for the served backbone)
   curl -s -X PUT {url}/v1/prefixes/sentiment -H "Authorization: Bearer $KEY" \\
-       -F adapter_config=@PEFT_DIR/adapter_config.json -F adapter_model=@PEFT_DIR/adapter_model.safetensors \\
+       -F adapter_config=@{peft}/adapter_config.json -F adapter_model=@{peft}/adapter_model.safetensors \\
        -F 'labels=["negative","positive"]'
-  #    ... or a packed file:  --data-binary @adapter.safetensors -H 'Content-Type: application/octet-stream'
+  #    ... or a packed file:
+  curl -s -X PUT {url}/v1/prefixes/sentiment-packed -H "Authorization: Bearer $KEY" \\
+       -H 'Content-Type: application/octet-stream' --data-binary @{packed}
 
   # 4. classify
   curl -s {url}/v1/classify -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\

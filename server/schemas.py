@@ -13,15 +13,27 @@ Decisions:
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from prefixserve.adapters.cache import DEFAULT_BUDGET_BYTES
 from prefixserve.adapters.ratelimit import RateLimits
-from prefixserve.adapters.store import VersionInfo
+from prefixserve.adapters.store import VersionHistory, VersionInfo
 
 MiB = 2**20
+ENV_PREFIX = "PREFIXSERVE_"
+# older setting names, still accepted in args (a rename, not validation_alias: pydantic-settings would read
+# an alias as an unprefixed env var, e.g. NUM_REPLICAS)
+LEGACY_NAMES = {
+    "num_replicas": "replicas",
+    "autoscaling_config": "autoscaling",
+    "backbone_num_cpus": "worker_num_cpus",
+    "backbone_num_gpus": "worker_num_gpus",
+}
+_READ_ENV: ContextVar[bool] = ContextVar("prefixserve_read_env", default=True)
 
 
 class Autoscaling(BaseModel):
@@ -60,10 +72,15 @@ class BatchingConfig(BaseModel):
     )
 
 
-class AppSettings(BatchingConfig):
-    """Everything ``prefixserve.server.app:build_app`` accepts (Serve config ``args:``)."""
+class AppSettings(BatchingConfig, BaseSettings):
+    """Everything ``prefixserve.server.app:build_app`` accepts (Serve config ``args:``).
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Values: given > env ``PREFIXSERVE_<NAME>`` (nested ones as JSON) > default. The env is read where an
+    instance is BUILT (the CLI, or the process that runs ``build_app``), never in the replicas: they get the
+    built object. :meth:`without_env` builds one from given values and defaults only (:data:`DEFAULTS`).
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX)
     backbone: str = Field("klue/roberta-base", description="hub id or local folder of the encoder")
     store: str = Field(
         "file://./.prefixserve/store",
@@ -76,17 +93,11 @@ class AppSettings(BatchingConfig):
         description="auto: bf16 on sm80+ GPUs and CPUs with AVX512-BF16/AMX, else float32 (logits are float32)",
     )
     cache_bytes: int = Field(DEFAULT_BUDGET_BYTES, gt=0, description="device adapter cache budget per Worker replica")
-    replicas: int = Field(
-        1, ge=1, validation_alias=AliasChoices("replicas", "num_replicas"), description="fixed Worker replicas"
-    )
-    autoscaling: Autoscaling | None = Field(None, validation_alias=AliasChoices("autoscaling", "autoscaling_config"))
+    replicas: int = Field(1, ge=1, description="fixed Worker replicas")
+    autoscaling: Autoscaling | None = Field(None, description="autoscale Worker replicas (JSON in the env)")
     max_ongoing_requests: int | None = Field(None, ge=1, description="per Worker replica; default 2 x max_batch_size")
-    worker_num_cpus: float = Field(
-        1.0, ge=0, validation_alias=AliasChoices("worker_num_cpus", "backbone_num_cpus"), description="per replica"
-    )
-    worker_num_gpus: float = Field(
-        0.0, ge=0, validation_alias=AliasChoices("worker_num_gpus", "backbone_num_gpus"), description="per replica"
-    )
+    worker_num_cpus: float = Field(1.0, ge=0, description="num_cpus per Worker replica")
+    worker_num_gpus: float = Field(0.0, ge=0, description="num_gpus per Worker replica")
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="Serve's default (5) would queue clients")
@@ -104,6 +115,34 @@ class AppSettings(BatchingConfig):
     admin_key_file: str | None = Field(
         None, description="admin key file (created 0600 if absent); ignored when PREFIXSERVE_ADMIN_KEY is set"
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Given values, then the process env; no .env file or secrets dir (one place to look)."""
+        return (init_settings, env_settings) if _READ_ENV.get() else (init_settings,)
+
+    @classmethod
+    def without_env(cls, **values: Any) -> AppSettings:
+        """Given values and defaults only, whatever ``PREFIXSERVE_*`` the process has."""
+        token = _READ_ENV.set(False)
+        try:
+            return cls(**values)
+        finally:
+            _READ_ENV.reset(token)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in LEGACY_NAMES):
+            data = {LEGACY_NAMES.get(k, k): v for k, v in data.items()}
+        return data
 
     @field_validator("store")
     @classmethod
@@ -133,7 +172,7 @@ class AppSettings(BatchingConfig):
 
 # ---- HTTP bodies ---------------------------------------------------------------------------------
 class TenantCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tenant": "acme"}]})
     tenant: str = Field(..., examples=["acme"])
 
 
@@ -143,10 +182,22 @@ class TenantCreated(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the docs' request examples (Swagger UI pre-fills the first); tests validate each against this model
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prefix_id": "sentiment", "inputs": ["this movie was great", "the plot was boring"]},
+                {"prefix_id": "nli", "inputs": ["A man plays a guitar."], "text_pairs": ["Someone makes music."]},
+            ]
+        },
+    )
     prefix_id: str = Field(..., examples=["sentiment"])
     inputs: list[str] = Field(..., min_length=1, examples=[["this movie was great"]])
     text_pairs: list[str | None] | None = Field(None, description="second segment per input (same length)")
+    version: int | None = Field(
+        None, ge=1, description="answer with exactly this kept version (404 if missing); default: the served one"
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> ClassifyRequest:
@@ -171,7 +222,15 @@ class ClassifyResponse(BaseModel):
 class LimitsIn(BaseModel):
     """A tenant's rate limits (0 = unlimited), or ``{"default": true}`` for the server's default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"requests_per_s": 10.0, "rows_per_s": 200.0, "burst_s": 2.0, "max_concurrent": 4},
+                {"default": True},
+            ]
+        },
+    )
     default: bool = False
     requests_per_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     rows_per_s: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -211,6 +270,20 @@ class PrefixList(BaseModel):
     prefixes: list[PrefixMeta]
 
 
+class VersionList(BaseModel):
+    """An adapter's kept versions, newest first; the served one is ``pinned`` if set, else ``current``."""
+
+    prefix_id: str
+    current: int = Field(..., description="the newest version")
+    pinned: int | None = Field(None, description="the version rolled back to (served instead of current)")
+    versions: list[PrefixMeta]
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(..., ge=1, description="a kept version: served until unpinned or the next upload")
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -235,4 +308,14 @@ def prefix_meta(info: VersionInfo) -> PrefixMeta:
     )
 
 
-DEFAULTS = AppSettings()
+def version_list(history: VersionHistory) -> VersionList:
+    """A store ``VersionHistory`` as ``GET /v1/prefixes/{id}/versions`` shows it (newest first)."""
+    return VersionList(
+        prefix_id=history.current.prefix_id,
+        current=history.current.version,
+        pinned=history.pinned.version if history.pinned else None,
+        versions=[prefix_meta(i) for i in reversed(history.versions)],
+    )
+
+
+DEFAULTS = AppSettings.without_env()  # the defaults as written, whatever the env says

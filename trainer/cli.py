@@ -141,19 +141,31 @@ def _fields(args: argparse.Namespace, cls: type[DataclassInstance]) -> dict[str,
 def _train(args: argparse.Namespace) -> int:
     from prefixserve.adapters.errors import BadRequestError
 
-    from .train import train, upload
+    from .train import train
 
-    if args.upload and not args.prefix_id:
+    if args.upload is not None and not args.prefix_id:
         raise BadRequestError("--upload needs --prefix-id", code="bad_args")
     cfg = TrainConfig(**_fields(args, TrainConfig))
     res = train(cfg)
     summary: dict[str, Any] = {"out": cfg.out, "labels": res.labels, "best": res.best, "bytes": len(res.packed or b"")}
-    if args.upload:
+    if args.upload is not None:
         if res.packed is None:  # the CLI's --kind always gives an adapter; code can ask for a head only
             raise BadRequestError("nothing to upload: this run trained no adapter", code="bad_args")
-        summary["upload"] = upload(args.upload, args.prefix_id, args.api_key, res.packed)
+        summary["upload"] = _upload(args, res.packed)
     print(json.dumps(summary, ensure_ascii=False, default=str))
     return 0
+
+
+def _upload(args: argparse.Namespace, packed: bytes) -> dict[str, Any]:
+    """PUT the packed adapter with :class:`prefixserve.client.Client` (its retries: 503 and a failed connect
+    only, an upload is not idempotent). URL: ``--upload URL``, else ``$PREFIXSERVE_URL``, else the local
+    default; key: ``--api-key``, else ``$PREFIXSERVE_API_KEY``."""
+    import dataclasses
+
+    from prefixserve.client import Client
+
+    with Client(args.upload or None, api_key=args.api_key) as client:
+        return dataclasses.asdict(client.upload(args.prefix_id, packed))
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -188,9 +200,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_config_options(p, TrainConfig, exclusive=("eval", "eval_split"))
     u = p.add_argument_group("upload")
-    u.add_argument("--upload", default=None, metavar="URL", help="PUT the adapter to URL/v1/prefixes/<prefix-id>")
+    u.add_argument(
+        "--upload",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URL",
+        help="PUT the adapter to URL/v1/prefixes/<prefix-id> (no URL: $PREFIXSERVE_URL, else http://127.0.0.1:8000)",
+    )
     u.add_argument("--prefix-id", default=None, help="adapter id on the server (needed by --upload)")
-    u.add_argument("--api-key", default=None, help="Bearer token")
+    u.add_argument(
+        "--api-key",
+        default=None,
+        help="the tenant's API key; default $PREFIXSERVE_API_KEY. Prefer the variable: a key given here is "
+        "kept in the shell's history and shown to every local user by `ps`",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

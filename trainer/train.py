@@ -294,32 +294,3 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         out.write_bytes(packed)
         Path(str(out) + ".log.json").write_text(json.dumps(log, indent=2, ensure_ascii=False, default=str))
     return TrainResult(model, labels, history, best_record, packed, log)
-
-
-def upload(url: str, prefix_id: str, api_key: str | None, data: bytes, timeout: float = 60.0) -> dict[str, Any]:
-    """``PUT {url}/v1/prefixes/{prefix_id}`` with the packed bytes; returns the JSON reply (or ``{}``)."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    if not prefix_id:
-        raise BadRequestError("--upload needs --prefix-id", code="bad_args")
-    target = f"{url.rstrip('/')}/v1/prefixes/{urllib.parse.quote(prefix_id, safe='')}"
-    headers = {"Content-Type": "application/octet-stream"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(target, data=data, method="PUT", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode("utf-8", "replace")[:500]
-        raise PrefixServeError(
-            f"upload to {target} failed: HTTP {exc.code}: {detail}", code="upload_failed", status=502
-        ) from None
-    except urllib.error.URLError as exc:
-        raise PrefixServeError(f"upload to {target} failed: {exc.reason}", code="upload_failed", status=502) from None
-    try:
-        return json.loads(body) if body else {}
-    except json.JSONDecodeError:
-        return {"raw": body.decode("utf-8", "replace")[:500]}

@@ -29,6 +29,7 @@ from .base import (
     Subscription,
     TenantInfo,
     Validator,
+    VersionHistory,
     VersionInfo,
     default_validator,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "AdapterReader",
     "AdapterStore",
     "VersionInfo",
+    "VersionHistory",
     "TenantInfo",
     "Quota",
     "ChangeEvent",

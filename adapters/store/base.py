@@ -25,6 +25,12 @@ Decisions shared by every backend:
 * A store that cannot be written (read-only or full disk, Redis OOM / READONLY / MISCONF) answers
   ``StoreUnavailableError`` (503) with ``retry_after``, never a 500, and leaves nothing half-written:
   the previous version keeps serving. ``check_writable`` probes this cheaply for ``/readyz``.
+* Pinning (rollback): ``pin`` makes a *kept* version the one ``head`` returns (served) instead of the
+  newest; ``unpin`` serves the newest again. A ``put`` publishes its version as current and clears the
+  pin in the same atomic step (an upload means "serve this"), and that put's retention keeps the
+  version that was pinned until then (so one can roll back to it again). Only puts run retention, so
+  a pinned version is never dropped. ``head(version=N)`` is a kept version's record (404 otherwise:
+  missing, dropped by retention, or of a deleted id). Quotas count the newest versions, pinned or not.
 * The change feed (``subscribe``) is a hint: Redis pub/sub can lose messages (a reconnect emits a
   ``resync`` event). Nothing relies on it for correctness: the Ingress ``head``s the store on every
   request and the serving replicas key their device caches by (tenant, prefix, version, sha256), so a lost
@@ -126,6 +132,21 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
+class VersionHistory:
+    """One id's versions as ``history`` reads them in one step: ``current`` is the newest published
+    version, ``pinned`` the rolled-back-to one (None: not pinned), ``versions`` the kept ones, oldest first."""
+
+    current: VersionInfo
+    pinned: VersionInfo | None
+    versions: tuple[VersionInfo, ...]
+
+    @property
+    def served(self) -> VersionInfo:
+        """What ``head`` returns: the pin, else the newest."""
+        return self.pinned or self.current
+
+
+@dataclass(frozen=True)
 class TenantInfo:
     """A tenant's record. ``limits`` None: the server's default rate limits apply."""
 
@@ -210,11 +231,14 @@ class Subscription:
 class AdapterReader(Protocol):
     """The read side: all a serving replica needs (it is told which version to serve).
 
+    ``head(t, i)`` is the served version (the pin, else the newest); ``head(t, i, version=N)`` that
+    kept version's record, so the Ingress resolves an explicit version without reading its blob.
+
     ``get`` returns only bytes whose size and sha256 match the ``VersionInfo`` it returns (else
     ``NotFoundError``): the Worker relies on it and does not hash them a second time.
     """
 
-    def head(self, tenant: str, prefix_id: str) -> VersionInfo: ...
+    def head(self, tenant: str, prefix_id: str, version: int | None = None) -> VersionInfo: ...
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]: ...
     def subscribe(self, callback: ChangeCallback) -> Subscription: ...
     def close(self) -> None: ...
@@ -231,6 +255,9 @@ class AdapterStore(AdapterReader, Protocol):
     def list(self, tenant: str) -> builtins.list[VersionInfo]: ...
     def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]: ...
     def delete(self, tenant: str, prefix_id: str) -> None: ...
+    def history(self, tenant: str, prefix_id: str) -> VersionHistory: ...
+    def pin(self, tenant: str, prefix_id: str, version: int) -> VersionInfo: ...
+    def unpin(self, tenant: str, prefix_id: str) -> VersionInfo: ...
     def create_tenant(self, name: str, quota: Quota | None = None) -> str: ...
     def tenant_info(self, name: str) -> TenantInfo: ...
     def list_tenants(self) -> builtins.list[TenantInfo]: ...

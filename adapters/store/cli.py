@@ -111,8 +111,31 @@ def _tenant_row(t) -> dict:
     }
 
 
+def _admin_client(args):
+    """``--server URL``: the command goes through the server's admin API (:mod:`prefixserve.client`) instead of
+    opening the store. Admin key: env PREFIXSERVE_ADMIN_KEY, else PREFIXSERVE_API_KEY (never a flag: shell
+    history and ``ps`` would show it)."""
+    import os
+
+    from prefixserve.client import Client
+
+    return Client(args.server, api_key=os.environ.get("PREFIXSERVE_ADMIN_KEY", "").strip() or None)
+
+
 def _tenant_create(args) -> int:
-    key = _open(args).create_tenant(args.name, _quota(args))
+    if args.server:
+        from prefixserve.adapters.errors import BadRequestError
+
+        from .base import Quota
+
+        if _quota(args) != Quota():
+            raise BadRequestError(
+                "the HTTP API sets no quota: use --store for --max-adapters/--max-bytes", code="bad_args"
+            )
+        with _admin_client(args) as client:
+            key = client.create_tenant(args.name).api_key
+    else:
+        key = _open(args).create_tenant(args.name, _quota(args))
     print(json.dumps({"tenant": args.name, "api_key": key}) if args.json else key)
     print("this API key is shown once; store it safely", file=sys.stderr)
     return 0
@@ -130,7 +153,17 @@ def _tenant_list(args) -> int:
 
 
 def _tenant_rotate(args) -> int:
-    key = _open(args).rotate_key(args.name, revoke_old=not args.keep_old)
+    if args.server:
+        from prefixserve.adapters.errors import BadRequestError
+
+        if args.keep_old:
+            raise BadRequestError(
+                "the HTTP API always revokes the old keys: use --store for --keep-old", code="bad_args"
+            )
+        with _admin_client(args) as client:
+            key = client.rotate_key(args.name).api_key
+    else:
+        key = _open(args).rotate_key(args.name, revoke_old=not args.keep_old)
     print(json.dumps({"tenant": args.name, "api_key": key}) if args.json else key)
     print("this API key is shown once" + ("" if args.keep_old else "; the old keys no longer work"), file=sys.stderr)
     return 0
@@ -188,7 +221,11 @@ def _tenant_delete(args) -> int:
     if not args.yes:
         print(f"refusing to delete tenant {args.name!r} and all its adapters without --yes", file=sys.stderr)
         return 2
-    _open(args).delete_tenant(args.name)
+    if args.server:
+        with _admin_client(args) as client:
+            client.delete_tenant(args.name)
+    else:
+        _open(args).delete_tenant(args.name)
     print(f"deleted tenant {args.name}", file=sys.stderr)
     return 0
 
@@ -200,6 +237,14 @@ def _common(tenant: bool) -> argparse.ArgumentParser:
         p.add_argument("--tenant", "-t", required=True, help="tenant that owns the adapters")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def _server_arg(p) -> None:
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        help="go through this server's admin API instead of the store (key: env PREFIXSERVE_ADMIN_KEY)",
+    )
 
 
 def _add(sub, name, func, parent, help_text, description=None):
@@ -263,10 +308,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = _add(tsub, "create", _tenant_create, plain, "create a tenant and print its first API key")
     p.add_argument("name", help="tenant name, [A-Za-z0-9][A-Za-z0-9._-]{0,127}")
     _quota_args(p, defaults=True)
+    _server_arg(p)
     _add(tsub, "list", _tenant_list, plain, "list tenants with usage, quota and key ids")
     p = _add(tsub, "rotate-key", _tenant_rotate, plain, "issue a new API key (old ones stop working)")
     p.add_argument("name")
     p.add_argument("--keep-old", action="store_true", help="keep the old keys valid (revoke them later)")
+    _server_arg(p)
     p = _add(tsub, "revoke-key", _tenant_revoke, plain, "revoke one key (--key-id) or all of a tenant's keys")
     p.add_argument("name")
     p.add_argument("--key-id", help="the 16-hex id after psk_ (default: all keys)")
@@ -291,3 +338,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = _add(tsub, "delete", _tenant_delete, plain, "delete a tenant, its keys and all its adapters")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
+    _server_arg(p)

@@ -3,7 +3,8 @@
 Layout under the root (every name passed ``check_id``; every path re-checked with ``safe_join``)::
 
     tenants/<T>/tenant.json                    quota, rate limits, key ids, created, version base
-    tenants/<T>/adapters/<I>/current.json      the pointer: VersionInfo of the current version
+    tenants/<T>/adapters/<I>/current.json      the pointer: VersionInfo of the newest version, plus
+                                               ``pinned``: the record of a pinned version (if any)
     tenants/<T>/adapters/<I>/seq               last version number (kept after a delete)
     tenants/<T>/adapters/<I>/v/<n>.bin|.json   immutable blobs and their records
     tenants/<T>/adapters/<I>/v/<n>.gone.<ms>   empty marker: retention dropped <n> at <ms> (unix)
@@ -13,7 +14,9 @@ Layout under the root (every name passed ``check_id``; every path re-checked wit
                                                deleted and recreated tenant shares its lock)
 
 Publish = counter, blob, record (temp file, fsync, ``os.replace`` each), then the pointer the same
-way: a reader sees the old or the new ``current.json``, and blobs never change once named. Writers
+way: a reader sees the old or the new ``current.json``, and blobs never change once named. The pin
+lives inside ``current.json`` so that one read gives the served version, and ``pin``/``unpin``/``put``
+replace the whole file under the tenant's lock: a pin and the pointer can never disagree. Writers
 of one tenant serialise on its lock file, so the quota check and the publish are one atomic step.
 A put that fails part-way removes what it wrote; whatever it could not remove (a disk that just
 turned read-only) stays invisible -- ``get``/``versions`` never show a version above the current
@@ -28,6 +31,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -36,12 +40,13 @@ import time
 from pathlib import Path
 
 from ..errors import NotFoundError
-from .base import ChangeEvent, Quota, VersionInfo
-from .file_base import info_of, read_json, remove_quietly, write_atomic, writes
+from .base import ChangeEvent, Quota, VersionHistory, VersionInfo
+from .file_base import info_of, read_json, remove_quietly, served_of, write_atomic, writes
 from .file_tenants import FileTenants
 from .ids import check_version
 
 _MISSING = "adapter {!r} not found"
+_NO_VERSION = "version {} of adapter {!r} not found"
 _log = logging.getLogger(__name__)
 
 
@@ -79,8 +84,9 @@ class FileStore(FileTenants):
                 if not (now and int(now["version"]) == version):  # published after all (a late fsync failed)
                     remove_quietly(record, blob)  # record first: nothing lists a blob-less version
                     raise
-            try:
-                self._collect(adir, int(old["version"]) if old else 0, versions)
+            try:  # the version pinned until now survives this put's retention (roll back to it again)
+                protect = int(old["pinned"]["version"]) if old and old.get("pinned") else 0
+                self._collect(adir, int(old["version"]) if old else 0, versions, protect)
             except (OSError, ValueError) as exc:  # published: the next put collects again
                 _log.warning("file store: collecting old versions of %s/%s failed: %r", tenant, prefix_id, exc)
         return info
@@ -94,13 +100,13 @@ class FileStore(FileTenants):
             seq = 0
         return max([seq, base, *versions]) + 1
 
-    def _collect(self, adir: Path, previous: int, versions: dict[int, float | None]) -> None:
+    def _collect(self, adir: Path, previous: int, versions: dict[int, float | None], protect: int = 0) -> None:
         """Under the tenant lock, after a put replaced ``previous`` (0: none); ``versions``: ``_scan``
         from before the put (so without the new current version).
 
         Versions between the two never became current (failed puts): deleted. Of the published
-        ones the newest ``keep_versions`` are kept; older ones get a ``gone`` marker and are deleted
-        once ``retain_grace_s`` has passed since.
+        ones the newest ``keep_versions`` are kept (and ``protect``, the pin this put cleared); older
+        ones get a ``gone`` marker and are deleted once ``retain_grace_s`` has passed since.
         """
         now = time.time()
         kept: list[int] = []
@@ -112,6 +118,8 @@ class FileStore(FileTenants):
             elif now - gone >= self.retain_grace_s:
                 self._remove_version(adir, v)
         for v in sorted(kept)[: max(0, len(kept) + 1 - self.keep_versions)]:  # + 1: the current one
+            if v == protect:
+                continue
             if self.retain_grace_s <= 0:
                 self._remove_version(adir, v)
             else:  # not fsynced: a marker lost in a crash only re-marks the version on the next put
@@ -143,27 +151,44 @@ class FileStore(FileTenants):
                 out[v] = int(rest[5:]) / 1000
         return out
 
-    def head(self, tenant: str, prefix_id: str) -> VersionInfo:
-        rec = read_json(self._adapter_dir(tenant, prefix_id) / "current.json")
+    def _pointer(self, adir: Path, prefix_id: str) -> dict:
+        rec = read_json(adir / "current.json")
         if rec is None:
             raise NotFoundError(_MISSING.format(prefix_id))
-        return info_of(rec)
+        return rec
+
+    def _kept_record(self, adir: Path, prefix_id: str, newest: int, version: int) -> dict:
+        """The record of a kept version (published, not dropped by retention), else ``NotFoundError``."""
+        rec = None
+        # > newest: unpublished; _scan maps a kept version to None, one in its grace window to a time
+        if version <= newest and version in (scan := self._scan(adir)) and scan[version] is None:
+            rec = read_json(adir / "v" / f"{version}.json")
+        if rec is None:
+            raise NotFoundError(_NO_VERSION.format(version, prefix_id))
+        return rec
+
+    def head(self, tenant: str, prefix_id: str, version: int | None = None) -> VersionInfo:
+        adir = self._adapter_dir(tenant, prefix_id)
+        rec = self._pointer(adir, prefix_id)
+        if version is None:
+            return served_of(rec)
+        return info_of(self._kept_record(adir, prefix_id, int(rec["version"]), check_version(version)))
 
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
-        """The current version, or ``version`` if it is kept or within its grace window.
+        """The served version, or ``version`` if it is kept or within its grace window.
 
         The returned ``VersionInfo`` describes the returned bytes: a blob whose sha256 does not match
         its record is reported as ``NotFoundError`` (and logged), never served.
         """
         adir = self._adapter_dir(tenant, prefix_id)
         v = None if version is None else check_version(version)
-        missing = _MISSING.format(prefix_id) if v is None else f"version {v} of adapter {prefix_id!r} not found"
+        missing = _MISSING.format(prefix_id) if v is None else _NO_VERSION.format(v, prefix_id)
         for _ in range(8):  # the pointer may move on and its old blob be collected between two reads
-            current = self.head(tenant, prefix_id)
+            pointer = self._pointer(adir, prefix_id)
             if v is None:
-                info = current
-            else:
-                rec = read_json(adir / "v" / f"{v}.json") if v <= current.version else None  # > current: unpublished
+                info = served_of(pointer)
+            else:  # > newest: unpublished
+                rec = read_json(adir / "v" / f"{v}.json") if v <= int(pointer["version"]) else None
                 if rec is None:
                     raise NotFoundError(missing)
                 info = info_of(rec)
@@ -182,19 +207,44 @@ class FileStore(FileTenants):
 
     def list(self, tenant: str) -> list[VersionInfo]:
         self._tenant_record(tenant)
-        return self._current_infos(tenant)
+        return self._current_infos(tenant, served=True)
 
     # builtins.list: in this class body ``list`` names the method above
     def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
-        """The kept versions (not those in their grace window, not unpublished leftovers)."""
+        """The kept versions (not those in their grace window, not unpublished leftovers), oldest first."""
+        return builtins.list(self.history(tenant, prefix_id).versions)
+
+    def history(self, tenant: str, prefix_id: str) -> VersionHistory:
         adir = self._adapter_dir(tenant, prefix_id)
-        current = self.head(tenant, prefix_id)
+        rec = self._pointer(adir, prefix_id)
+        newest = int(rec["version"])
         out = []
         for v, gone in sorted(self._scan(adir).items()):
-            rec = read_json(adir / "v" / f"{v}.json") if v <= current.version and gone is None else None
-            if rec is not None:
-                out.append(info_of(rec))
-        return out
+            found = read_json(adir / "v" / f"{v}.json") if v <= newest and gone is None else None
+            if found is not None:
+                out.append(info_of(found))
+        return VersionHistory(info_of(rec), info_of(rec["pinned"]) if rec.get("pinned") else None, tuple(out))
+
+    @writes
+    def pin(self, tenant: str, prefix_id: str, version: int) -> VersionInfo:
+        """Serve kept ``version`` instead of the newest until ``unpin`` or the next put."""
+        adir = self._adapter_dir(tenant, prefix_id)
+        v = check_version(version)
+        with self._lock(tenant):
+            rec = self._pointer(adir, prefix_id)
+            rec["pinned"] = self._kept_record(adir, prefix_id, int(rec["version"]), v)
+            write_atomic(adir / "current.json", json.dumps(rec).encode())
+        return info_of(rec["pinned"])
+
+    @writes
+    def unpin(self, tenant: str, prefix_id: str) -> VersionInfo:
+        """Serve the newest version again (no pin: nothing changes); returns it."""
+        adir = self._adapter_dir(tenant, prefix_id)
+        with self._lock(tenant):
+            rec = self._pointer(adir, prefix_id)
+            if rec.pop("pinned", None) is not None:
+                write_atomic(adir / "current.json", json.dumps(rec).encode())
+        return info_of(rec)
 
     @writes
     def delete(self, tenant: str, prefix_id: str) -> None:
@@ -236,7 +286,7 @@ class FileStore(FileTenants):
             for key, stamp in now.items():
                 if before.get(key) != stamp:
                     rec = read_json(self.root / "tenants" / key[0] / "adapters" / key[1] / "current.json")
-                    self._emit(ChangeEvent(key[0], key[1], int(rec["version"]) if rec else None))
+                    self._emit(ChangeEvent(key[0], key[1], served_of(rec).version if rec else None))
             for key in before.keys() - now.keys():
                 self._emit(ChangeEvent(key[0], key[1], None))
             before = now

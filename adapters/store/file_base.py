@@ -69,6 +69,11 @@ def info_of(rec: dict) -> VersionInfo:
     return VersionInfo.from_json(json.dumps(rec))
 
 
+def served_of(rec: dict) -> VersionInfo:
+    """The version a pointer (``current.json``) serves: its pin, else the newest."""
+    return info_of(rec["pinned"] if rec.get("pinned") else rec)
+
+
 def remove_quietly(*paths: Path) -> None:
     """Best-effort cleanup: a path that is gone or cannot be removed (read-only disk) is left alone."""
     for path in paths:
@@ -143,14 +148,15 @@ class FileBase(StoreBase):
             raise NotFoundError(f"tenant {tenant!r} not found")
         return rec
 
-    def _current_infos(self, tenant: str) -> list[VersionInfo]:
-        """The tenant's current versions, sorted by prefix id (the tenant is not checked)."""
+    def _current_infos(self, tenant: str, *, served: bool = False) -> list[VersionInfo]:
+        """The tenant's newest (``served``: served, i.e. pinned ones) versions, by prefix id (the tenant
+        is not checked)."""
         root = self._tenant_dir(tenant) / "adapters"
         out = []
         for name in sorted(os.listdir(root)) if root.exists() else []:
             rec = read_json(root / name / "current.json")
             if rec is not None:
-                out.append(info_of(rec))
+                out.append(served_of(rec) if served else info_of(rec))
         return out
 
     def _usage(self, tenant: str) -> tuple[int, int]:

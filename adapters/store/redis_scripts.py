@@ -61,12 +61,12 @@ return tonumber(v)
 """
 )
 
-# Make a written blob (its size must match: not a placeholder) the current version, check the
-# quota, apply retention, collect versions whose grace has passed, publish. Retention: the newest
-# keep_versions versions that are not superseded stay; older ones are scored into gr:<T>:<I> with
-# the time they were superseded and stay fetchable until grace_s has passed, then a later publish
-# deletes their record and blob.
-# KEYS: t:<T>, a:<T>, vs:<T>:<I>, the blob, gr:<T>:<I>, pend:<T>. ARGV: prefix id, version,
+# Make a written blob (its size must match: not a placeholder) the current version, clear the pin,
+# check the quota, apply retention, collect versions whose grace has passed, publish. Retention:
+# the newest keep_versions versions that are not superseded stay, and so does the version pinned
+# until this publish; older ones are scored into gr:<T>:<I> with the time they were superseded and
+# stay fetchable until grace_s has passed, then a later publish deletes their record and blob.
+# KEYS: t:<T>, a:<T>, vs:<T>:<I>, the blob, gr:<T>:<I>, pend:<T>, pin:<T>. ARGV: prefix id, version,
 # VersionInfo JSON, size, keep_versions, blob key prefix, channel, event JSON, grace_s, pending
 # member. Returns {'ok'} (also for a replay whose first reply was lost), {'no_tenant'}, {'no_blob'}
 # (evicted or collected), {'raced'} (a newer version is already current) or {'quota', adapters,
@@ -98,13 +98,16 @@ redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[1], 'bytes', string.format('%d', used))
 redis.call('ZREM', KEYS[6], ARGV[10])
+local pinned = redis.call('HGET', KEYS[7], ARGV[1])
+local protect = pinned and cjson.decode(pinned)['version']
+redis.call('HDEL', KEYS[7], ARGV[1])
 local kept = {}
 for _, x in ipairs(redis.call('HKEYS', KEYS[3])) do
   if not redis.call('ZSCORE', KEYS[5], x) then table.insert(kept, tonumber(x)) end
 end
 table.sort(kept)
 for i = 1, #kept - tonumber(ARGV[5]) do
-  redis.call('ZADD', KEYS[5], now, string.format('%d', kept[i]))
+  if kept[i] ~= protect then redis.call('ZADD', KEYS[5], now, string.format('%d', kept[i])) end
 end
 for _, x in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[9]))) do
   redis.call('HDEL', KEYS[3], x)
@@ -135,13 +138,14 @@ return collect_pending(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), now_s())
 """
 )
 
-# Unpublish an adapter, release its bytes and drop all its versions, in their grace window too
-# (the version counter stays). KEYS: t:<T>, a:<T>, vs:<T>:<I>, gr:<T>:<I>. ARGV: prefix id,
-# blob key prefix, channel, event JSON. Returns 1, or 0 if the adapter has no current version.
+# Unpublish an adapter, release its bytes, drop its pin and all its versions, in their grace window
+# too (the version counter stays). KEYS: t:<T>, a:<T>, vs:<T>:<I>, gr:<T>:<I>, pin:<T>. ARGV: prefix
+# id, blob key prefix, channel, event JSON. Returns 1, or 0 if the adapter has no current version.
 DELETE = """
 local cur = redis.call('HGET', KEYS[2], ARGV[1])
 if not cur then return 0 end
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'bytes', -cjson.decode(cur)['size'])
 for _, v in ipairs(redis.call('HKEYS', KEYS[3])) do redis.call('DEL', ARGV[2] .. v) end
 redis.call('DEL', KEYS[3], KEYS[4])
@@ -152,7 +156,7 @@ return 1
 # Remove a tenant with its adapters, blobs (pending ones too), key records and counters; publish a
 # delete per adapter. First raise the store's version floor to the highest number the tenant used,
 # so that a tenant created later under the same name numbers above it (its caches can never match).
-# KEYS: tenants, t:<T>, a:<T>, tk:<T>, seq:<T>, pend:<T>, vfloor. ARGV: tenant, key prefix P,
+# KEYS: tenants, t:<T>, a:<T>, tk:<T>, seq:<T>, pend:<T>, vfloor, pin:<T>. ARGV: tenant, key prefix P,
 # channel. Returns 1, or 0 if there is no such tenant.
 DELETE_TENANT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
@@ -167,11 +171,35 @@ for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
 end
 for _, m in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do redis.call('DEL', p .. 'b:' .. t .. ':' .. m) end
 for _, k in ipairs(redis.call('SMEMBERS', KEYS[4])) do redis.call('DEL', p .. 'k:' .. k) end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[8])
 redis.call('SREM', KEYS[1], t)
 -- after the deletes: under maxmemory a script that has already written may go on writing
 if top > tonumber(redis.call('GET', KEYS[7]) or '0') then redis.call('SET', KEYS[7], string.format('%d', top)) end
 return 1
+"""
+
+# Serve a kept version (published, not dropped by retention) instead of the newest: copy its
+# record verbatim into pin:<T> (no cjson round trip: that would round the float timestamps).
+# KEYS: a:<T>, vs:<T>:<I>, gr:<T>:<I>, pin:<T>. ARGV: prefix id, version, channel, event JSON.
+# Returns the pinned record, or nil if the adapter or that kept version does not exist.
+PIN = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return false end
+local rec = redis.call('HGET', KEYS[2], ARGV[2])
+if not rec or redis.call('ZSCORE', KEYS[3], ARGV[2]) then return false end
+redis.call('HSET', KEYS[4], ARGV[1], rec)
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return rec
+"""
+
+# Serve the newest version again. KEYS: a:<T>, pin:<T>. ARGV: prefix id, channel, tenant.
+# Returns the newest record (the pointer), or nil if the adapter does not exist.
+UNPIN = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return false end
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 1 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({t = ARGV[3], p = ARGV[1], v = cjson.decode(cur)['version']}))
+end
+return cur
 """
 
 # Store a new API key record: with a new tenant (create), replacing the tenant's keys (rotate)
@@ -242,6 +270,8 @@ SCRIPTS = {
     "abandon": ABANDON,
     "collect_orphans": COLLECT_ORPHANS,
     "delete": DELETE,
+    "pin": PIN,
+    "unpin": UNPIN,
     "delete_tenant": DELETE_TENANT,
     "issue_key": ISSUE_KEY,
     "revoke_keys": REVOKE_KEYS,

@@ -8,6 +8,7 @@ so they never contain ``:``)::
     P tk:<T>                  SET   the tenant's key ids
     P k:<key id>              HASH  salted + peppered key hash -> tenant
     P a:<T>                   HASH  prefix id -> current VersionInfo JSON (the pointer + metadata)
+    P pin:<T>                 HASH  prefix id -> the pinned version's record (``head`` serves it)
     P vs:<T>:<I>              HASH  version -> VersionInfo JSON (kept versions and those in grace)
     P gr:<T>:<I>              ZSET  versions dropped by retention, scored by when (server time)
     P seq:<T>                 HASH  prefix id -> last version number (survives deletes of the id)
@@ -20,12 +21,14 @@ so they never contain ``:``)::
 ``put``: validate; *reserve* (one script: tenant exists, next version, pending marker, a placeholder
 at the blob key, collect the tenant's stale pending blobs); *write* the blob over the placeholder
 (WATCH/MULTI/EXEC: only while the placeholder is there, so never after ``delete_tenant``);
-*publish* (one script: tenant, quota, pointer, version record, retention with its grace window,
-drop the marker, ``PUBLISH``) -- atomically; a refused publish deletes its blob and changes nothing.
+*publish* (one script: tenant, quota, pointer, version record, clear the pin, retention with its
+grace window, drop the marker, ``PUBLISH``) -- atomically; a refused publish deletes its blob and changes nothing.
 A put that fails between the steps deletes its blob and marker (``abandon``); a put that crashed
 there leaves a marker, and a later put of the tenant deletes the blob once the marker is
 ``orphan_age_s`` old (``collect_orphans`` does the same on demand). ``get`` reads the version
 record, then the immutable blob it names, and checks its sha256: never torn, never another blob.
+``head`` reads the pointer and the pin in one MULTI (one round trip, one snapshot); ``pin`` and
+``unpin`` are scripts (the version must be kept, checked in the same step that pins it).
 The scripts live in :mod:`.redis_scripts`; they build some key names themselves, so this needs
 standalone Redis (any DB) or one shard, not Redis Cluster.
 
@@ -47,13 +50,14 @@ import time
 from typing import cast
 
 from ..errors import ConflictError, NotFoundError, QuotaExceededError
-from .base import VersionInfo, unavailable
+from .base import VersionHistory, VersionInfo, unavailable
 from .ids import check_id, check_tenant, check_version
 from .redis_common import PASSWORD_ENV, guard, parse_redis_url, text
 from .redis_tenants import RedisTenants
 
 __all__ = ["RedisStore", "parse_redis_url", "PASSWORD_ENV"]
 _MISSING = "adapter {!r} not found"
+_NO_VERSION = "version {} of adapter {!r} not found"
 PLACEHOLDER = b"\x00prefixserve:pending\x00"  # holds a reserved blob key until the blob is written
 _log = logging.getLogger(__name__)
 
@@ -133,6 +137,7 @@ class RedisStore(RedisTenants):
                 self._blob_prefix(t, i) + str(v),
                 self._k("gr", t, i),
                 self._k("pend", t),
+                self._k("pin", t),
             ],
             args=[
                 i,
@@ -175,18 +180,40 @@ class RedisStore(RedisTenants):
             for t in names
         )
 
-    @guard
-    def head(self, tenant: str, prefix_id: str) -> VersionInfo:
-        raw = self._r.hget(self._k("a", check_tenant(tenant)), check_id(prefix_id))
+    def _served(self, tenant: str, prefix_id: str) -> VersionInfo:
+        """The pin, else the pointer: one round trip, no MULTI (Redis refuses queued commands under
+        maxmemory, and serving must go on). The pin is read first, so a pin, unpin or put in between
+        gives the served version of just before it (a pin read first was served then; without a pin,
+        the pointer read later was served before any later pin, and a put clears pins)."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hget(self._k("pin", tenant), prefix_id)
+        pipe.hget(self._k("a", tenant), prefix_id)
+        pinned, raw = pipe.execute()
         if raw is None:
             raise NotFoundError(_MISSING.format(prefix_id))
+        return VersionInfo.from_json(pinned or raw)
+
+    @guard
+    def head(self, tenant: str, prefix_id: str, version: int | None = None) -> VersionInfo:
+        check_tenant(tenant), check_id(prefix_id)
+        if version is None:
+            return self._served(tenant, prefix_id)
+        v = str(check_version(version))
+        pipe = self._r.pipeline(transaction=False)  # no MULTI: see _served
+        pipe.hexists(self._k("a", tenant), prefix_id)  # a deleted adapter has no versions
+        pipe.hget(self._k("vs", tenant, prefix_id), v)
+        pipe.zscore(self._k("gr", tenant, prefix_id), v)  # dropped by retention: in its grace window only
+        exists, raw, gone = pipe.execute()
+        if not exists or raw is None or gone is not None:
+            raise NotFoundError(_NO_VERSION.format(v, prefix_id))
         return VersionInfo.from_json(raw)
 
     @guard
     def get(self, tenant: str, prefix_id: str, version: int | None = None) -> tuple[VersionInfo, bytes]:
         """Record, then the immutable blob it names (plain GET: a Lua round trip would copy ~4 MB twice).
 
-        ``version`` may be a kept version or one in its grace window. The blob's sha256 is checked
+        No ``version``: the served one (the pin, else the newest). ``version`` may be a kept version or
+        one in its grace window. The blob's sha256 is checked
         against the record: a mismatch is logged and answered ``NotFoundError``, so the returned
         ``VersionInfo`` always describes the returned bytes. If the current blob was collected
         between the two reads (newer puts in between), the pointer is read again. With ``version``
@@ -195,13 +222,10 @@ class RedisStore(RedisTenants):
         """
         check_tenant(tenant), check_id(prefix_id)
         v = None if version is None else check_version(version)
-        missing = _MISSING.format(prefix_id) if v is None else f"version {v} of adapter {prefix_id!r} not found"
+        missing = _MISSING.format(prefix_id) if v is None else _NO_VERSION.format(v, prefix_id)
         for _ in range(8):
             if v is None:
-                raw = self._r.hget(self._k("a", tenant), prefix_id)
-                if raw is None:
-                    raise NotFoundError(missing)
-                info = VersionInfo.from_json(raw)
+                info = self._served(tenant, prefix_id)
                 data = self._r.get(self._blob_prefix(tenant, prefix_id) + str(info.version))
             else:
                 pipe = self._r.pipeline(transaction=False)
@@ -228,23 +252,66 @@ class RedisStore(RedisTenants):
         pipe = self._r.pipeline(transaction=True)
         pipe.exists(self._k("t", tenant))
         pipe.hgetall(self._k("a", tenant))
-        exists, pointers = pipe.execute()
+        pipe.hgetall(self._k("pin", tenant))
+        exists, pointers, pins = pipe.execute()
         if not exists:
             raise NotFoundError(f"tenant {tenant!r} not found")
-        return sorted((VersionInfo.from_json(v) for v in pointers.values()), key=lambda i: i.prefix_id)
+        served = {**pointers, **pins}  # a pin is always of a current id (every script keeps it so)
+        return sorted((VersionInfo.from_json(v) for v in served.values()), key=lambda i: i.prefix_id)
 
     @guard
     # builtins.list: in this class body ``list`` names the method above
     def versions(self, tenant: str, prefix_id: str) -> builtins.list[VersionInfo]:
-        """The kept versions (not those in their grace window)."""
-        self.head(tenant, prefix_id)
+        """The kept versions (not those in their grace window), oldest first."""
+        return builtins.list(self.history(tenant, prefix_id).versions)
+
+    @guard
+    def history(self, tenant: str, prefix_id: str) -> VersionHistory:
+        check_tenant(tenant), check_id(prefix_id)
         pipe = self._r.pipeline(transaction=True)
+        pipe.hget(self._k("a", tenant), prefix_id)
+        pipe.hget(self._k("pin", tenant), prefix_id)
         pipe.hgetall(self._k("vs", tenant, prefix_id))
         pipe.zrange(self._k("gr", tenant, prefix_id), 0, -1)
-        records, superseded = pipe.execute()
+        raw, pinned, records, superseded = pipe.execute()
+        if raw is None:
+            raise NotFoundError(_MISSING.format(prefix_id))
         gone = {text(x) for x in superseded}
-        infos = [VersionInfo.from_json(raw) for n, raw in records.items() if text(n) not in gone]
-        return sorted(infos, key=lambda i: i.version)
+        infos = sorted(
+            (VersionInfo.from_json(r) for n, r in records.items() if text(n) not in gone), key=lambda i: i.version
+        )
+        return VersionHistory(
+            VersionInfo.from_json(raw), VersionInfo.from_json(pinned) if pinned else None, tuple(infos)
+        )
+
+    @guard
+    def pin(self, tenant: str, prefix_id: str, version: int) -> VersionInfo:
+        """Serve kept ``version`` instead of the newest until ``unpin`` or the next put."""
+        check_tenant(tenant), check_id(prefix_id)
+        v = check_version(version)
+        rec = self._scripts["pin"](
+            keys=[
+                self._k("a", tenant),
+                self._k("vs", tenant, prefix_id),
+                self._k("gr", tenant, prefix_id),
+                self._k("pin", tenant),
+            ],
+            args=[prefix_id, v, self.channel, json.dumps({"t": tenant, "p": prefix_id, "v": v})],
+        )
+        if rec is None:
+            raise NotFoundError(_NO_VERSION.format(v, prefix_id))
+        return VersionInfo.from_json(rec)
+
+    @guard
+    def unpin(self, tenant: str, prefix_id: str) -> VersionInfo:
+        """Serve the newest version again (no pin: nothing changes); returns it."""
+        check_tenant(tenant), check_id(prefix_id)
+        rec = self._scripts["unpin"](
+            keys=[self._k("a", tenant), self._k("pin", tenant)], args=[prefix_id, self.channel, tenant]
+        )
+        if rec is None:
+            raise NotFoundError(_MISSING.format(prefix_id))
+        return VersionInfo.from_json(rec)
 
     @guard
     def delete(self, tenant: str, prefix_id: str) -> None:
@@ -256,6 +323,7 @@ class RedisStore(RedisTenants):
                 self._k("a", tenant),
                 self._k("vs", tenant, prefix_id),
                 self._k("gr", tenant, prefix_id),
+                self._k("pin", tenant),
             ],
             args=[prefix_id, self._blob_prefix(tenant, prefix_id), self.channel, event],
         )

@@ -149,6 +149,7 @@ class RedisTenants(RedisBase):
                 self._k("seq", name),
                 self._k("pend", name),
                 self._k("vfloor"),
+                self._k("pin", name),
             ],
             args=[name, self.prefix, self.channel],
         )

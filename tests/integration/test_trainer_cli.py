@@ -27,7 +27,9 @@ def server():
         def do_PUT(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             received.append({"path": self.path, "headers": dict(self.headers), "body": body})
-            reply = json.dumps({"id": self.path.rsplit("/", 1)[-1], "version": 1}).encode()
+            prefix_id = self.path.rsplit("/", 1)[-1]
+            meta = {"prefix_id": prefix_id, "version": 1, "sha256": "s", "kind": "prefix"}
+            reply = json.dumps(meta | {"labels": ["negative", "positive"], "bytes": len(body)}).encode()
             self.send_response(201)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(reply)))
@@ -81,7 +83,7 @@ def test_train_cli_writes_adapter_log_and_uploads(tiny_backbones, tmp_path, serv
     )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["upload"] == {"id": "sentiment-v1", "version": 1}
+    assert (summary["upload"]["prefix_id"], summary["upload"]["version"]) == ("sentiment-v1", 1)
     meta = load_packed(out.read_bytes()).meta
     assert meta.labels == ("negative", "positive") and meta.num_virtual_tokens == 3
     log = json.loads((tmp_path / "adapter.safetensors.log.json").read_text())
