@@ -44,7 +44,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -52,9 +52,11 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .errors import AdapterTooLargeError, FingerprintMismatchError, InvalidAdapterError
+from .errors import AdapterTooLargeError, InvalidAdapterError
+from .fit import check_compatible
 from .heads import PEFT_HEAD_PREFIX, PEFT_POOLER_PREFIX, carries_pooler, head_shapes, head_style, split_head
 from .kinds import KIND_OF_PEFT_TYPE, VIRTUAL_KEY, VIRTUAL_KINDS, check_virtual, check_weights
+from .meta import AdapterMeta, BackboneSpec
 from .transfer import Buffer, tensors_from_buffer
 
 FORMAT = "prefixserve.adapter"
@@ -79,52 +81,6 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What an adapter must agree with to run on a backbone."""
-
-    fingerprint: str
-    num_layers: int
-    num_heads: int
-    hidden: int
-    head_style: str  # "bert" | "roberta"
-    max_virtual_tokens: int  # positions left for a prefix/prompt with at least a few real tokens
-    # The backbone has a pooler from its checkpoint. Without one, a "bert" head must bring its own.
-    has_pooler: bool = False
-    intermediate: int = 0  # feed-forward width (weight kinds on the feed-forward must match it); 0: unknown
-
-
-@dataclass(frozen=True)
-class AdapterMeta:
-    kind: str
-    peft_type: str
-    num_virtual_tokens: int
-    labels: tuple[str, ...]
-    fingerprint: str
-    format_version: str
-    nbytes: int
-    num_layers: int
-    num_heads: int
-    hidden: int
-    head_style: str
-    has_pooler: bool = False  # the (bert-style) head carries its own pooler
-    intermediate: int = 0  # weight kinds: the feed-forward width they need (0: none)
-
-    @property
-    def is_weight_kind(self) -> bool:
-        """LoRA, IA3, bottleneck: no virtual tokens; ``num_layers`` is the layers it needs, ``num_heads`` 0."""
-        return self.kind not in VIRTUAL_KINDS
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["labels"] = list(self.labels)
-        return d
 
 
 @dataclass
@@ -242,10 +198,6 @@ def _required(meta: dict[str, Any], key: str) -> Any:
     return meta[key]
 
 
-def _positive_int(value: object) -> TypeGuard[int]:
-    return type(value) is int and value > 0
-
-
 def check_fingerprint(fingerprint: object) -> str:
     """A backbone fingerprint as metadata may carry it: ``_FINGERPRINT`` (``sha256:<hex>`` when we made it)."""
     if fingerprint is None or fingerprint == "":
@@ -315,54 +267,6 @@ def _check_tensors(config: dict, tensors: dict[str, Tensor], labels: list, limit
         if not np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all():
             raise _bad(f"tensor {name!r} has NaN or infinite values", "non_finite")
     return shape | {"kind": kind, "head_style": style, "has_pooler": has_pooler}
-
-
-def check_compatible(meta: AdapterMeta, spec: BackboneSpec) -> None:
-    """Raise unless an adapter fits the backbone (fingerprint first: it names both sides)."""
-    if meta.fingerprint != spec.fingerprint:
-        raise FingerprintMismatchError(
-            f"adapter was made for backbone {meta.fingerprint[:23]} but this server runs {spec.fingerprint[:23]}"
-        )
-    if meta.is_weight_kind:
-        _check_weight_fit(meta, spec)
-    elif (meta.num_layers, meta.num_heads, meta.hidden) != (spec.num_layers, spec.num_heads, spec.hidden):
-        raise _bad(
-            f"adapter shape (layers, heads, hidden)={(meta.num_layers, meta.num_heads, meta.hidden)} "
-            f"!= backbone {(spec.num_layers, spec.num_heads, spec.hidden)}",
-            "shape_mismatch",
-        )
-    if meta.head_style != spec.head_style:
-        raise _bad(f"adapter has a {meta.head_style}-style head; this backbone needs {spec.head_style}", "bad_head")
-    if meta.head_style == "bert" and not meta.has_pooler and not spec.has_pooler:
-        raise _bad(
-            "this backbone's checkpoint has no pooler weights, and the adapter's BERT-style head brings none "
-            f"(train it with prefixserve, or save PEFT's pooler too: modules_to_save=['classifier', 'pooler'] "
-            f"stores {PEFT_POOLER_PREFIX}weight/bias)",
-            "needs_pooler",
-        )
-    if meta.num_virtual_tokens > spec.max_virtual_tokens:
-        raise _bad(
-            f"num_virtual_tokens {meta.num_virtual_tokens} leaves no room for text "
-            f"(max {spec.max_virtual_tokens} on this backbone)",
-            "too_many_virtual_tokens",
-        )
-
-
-def _check_weight_fit(meta: AdapterMeta, spec: BackboneSpec) -> None:
-    """A weight kind's target modules exist in the backbone with the widths its tensors have."""
-    if meta.num_layers > spec.num_layers:
-        raise _bad(
-            f"adapter targets layer {meta.num_layers - 1}; this backbone has layers 0..{spec.num_layers - 1}",
-            "unsupported_target",
-        )
-    if meta.hidden != spec.hidden or (
-        meta.intermediate and spec.intermediate and meta.intermediate != spec.intermediate
-    ):
-        raise _bad(
-            f"adapter widths (hidden, intermediate)={(meta.hidden, meta.intermediate)} "
-            f"!= backbone {(spec.hidden, spec.intermediate)}",
-            "shape_mismatch",
-        )
 
 
 def load_packed(data: Buffer, *, expect: BackboneSpec | None = None, limits: Limits = DEFAULT_LIMITS) -> AdapterFile:

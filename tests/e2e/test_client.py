@@ -16,6 +16,7 @@ import pytest
 from prefixserve.adapters.errors import ConflictError, NotFoundError, PrefixServeError
 from prefixserve.client import AsyncClient, Client, RetryPolicy
 from tests.fixtures.backbones import make_peft_adapter
+from tests.fixtures.served_app import GENEROUS_LIMITS, served_app
 
 MAX_INPUTS = 4
 TEXTS = [f"text number {i} says {'good' if i % 2 else 'bad'} things" for i in range(10)]
@@ -51,45 +52,23 @@ class AsyncRecording(httpx.AsyncBaseTransport):
 
 @pytest.fixture(scope="module", params=[pytest.param("redis", marks=pytest.mark.redis), "file"])
 def app(request, ray_serve, tiny_backbones, tmp_path_factory) -> Any:
-    from ray import serve
-
-    from prefixserve.server.app import build_app
-    from prefixserve.server.auth import resolve_admin_key
-
     tmp = tmp_path_factory.mktemp(f"client-{request.param}")
     if request.param == "redis":
         store = request.getfixturevalue("redis_server").url + "?prefix=clienttest:"
     else:
         store = f"file://{tmp / 'store'}"
-    admin_key, _ = resolve_admin_key(tmp / "admin_key")
-    settings = dict(
-        backbone=tiny_backbones["roberta"],
-        store=store,
-        device="cpu",
-        replicas=1,
-        worker_num_cpus=0.5,
-        ingress_num_cpus=0.5,
-        torch_threads=1,
-        max_batch_size=16,
-        batch_wait_timeout_s=0.005,
-        max_inputs=MAX_INPUTS,
-        admin_key_file=str(tmp / "admin_key"),
-        default_limits={"requests_per_s": 1000.0, "rows_per_s": 0.0, "burst_s": 5.0, "max_concurrent": 64},
-    )
-    serve.run(build_app(settings), name="prefixserve-client-test", route_prefix="/")
-    ready = httpx.get(ray_serve.url + "/readyz", timeout=60.0)
-    assert ready.status_code == 200, ready.text
-    admin = Client(ray_serve.url, api_key=admin_key, retry=FAST_RETRY)
-    yield {
-        "url": ray_serve.url,
-        "admin": admin,
-        "admin_key": admin_key,
-        "fingerprint": ready.json()["fingerprint"],
-        "backbone": tiny_backbones["roberta"],
-        "tmp": tmp,
-    }
-    admin.close()
-    serve.delete("prefixserve-client-test")
+    extra = dict(max_inputs=MAX_INPUTS, default_limits=GENEROUS_LIMITS)
+    with served_app(ray_serve, "prefixserve-client-test", tiny_backbones["roberta"], store, tmp, **extra) as a:
+        admin = Client(a.url, api_key=a.admin_key, retry=FAST_RETRY)
+        yield {
+            "url": a.url,
+            "admin": admin,
+            "admin_key": a.admin_key,
+            "fingerprint": a.fingerprint,
+            "backbone": tiny_backbones["roberta"],
+            "tmp": tmp,
+        }
+        admin.close()
 
 
 def _scores_close(a, b) -> None:

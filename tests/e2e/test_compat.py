@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.backbones import make_peft_adapter
+from tests.fixtures.served_app import served_app
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.ray]
@@ -35,42 +36,20 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def app(ray_serve, tiny_backbones, tmp_path_factory):
-    from ray import serve
-
     from prefixserve.adapters.peft_io import pack_folder
-    from prefixserve.server.app import build_app
-    from prefixserve.server.auth import resolve_admin_key
 
     root = tmp_path_factory.mktemp("compat")
-    admin, _ = resolve_admin_key(root / "admin_key")
-    settings = dict(
-        backbone=tiny_backbones["roberta"],
-        store=f"file://{root / 'store'}",
-        device="cpu",
-        replicas=1,
-        worker_num_cpus=0.5,
-        ingress_num_cpus=0.5,
-        torch_threads=1,
-        max_batch_size=16,
-        batch_wait_timeout_s=0.005,
-        admin_key_file=str(root / "admin_key"),
-    )
-    serve.run(build_app(settings), name="prefixserve-compat", route_prefix="/")
-    client = httpx.Client(base_url=ray_serve.url, timeout=60.0)
-    ready = client.get("/readyz")
-    assert ready.status_code == 200, ready.text
-    keys = {}
-    for tenant, prefix_id, seed in (("compat-a", "sentiment", 1), ("compat-b", "secret", 2)):
-        r = client.post("/v1/tenants", json={"tenant": tenant}, headers=bearer(admin))
-        assert r.status_code == 201, r.text
-        keys[tenant] = r.json()["api_key"]
-        folder = make_peft_adapter(tiny_backbones["roberta"], root / prefix_id, "prefix", 4, len(LABELS), seed=seed)
-        data = pack_folder(folder, labels=LABELS, fingerprint=ready.json()["fingerprint"])
-        headers = {**bearer(keys[tenant]), "Content-Type": "application/octet-stream"}
-        assert client.put(f"/v1/prefixes/{prefix_id}", content=data, headers=headers).status_code == 201
-    yield {"client": client, "key": keys["compat-a"], "backbone": tiny_backbones["roberta"]}
-    client.close()
-    serve.delete("prefixserve-compat")
+    with served_app(ray_serve, "prefixserve-compat", tiny_backbones["roberta"], f"file://{root / 'store'}", root) as a:
+        client, keys = a.client, {}
+        for tenant, prefix_id, seed in (("compat-a", "sentiment", 1), ("compat-b", "secret", 2)):
+            r = client.post("/v1/tenants", json={"tenant": tenant}, headers=bearer(a.admin_key))
+            assert r.status_code == 201, r.text
+            keys[tenant] = r.json()["api_key"]
+            folder = make_peft_adapter(tiny_backbones["roberta"], root / prefix_id, "prefix", 4, len(LABELS), seed=seed)
+            data = pack_folder(folder, labels=LABELS, fingerprint=a.fingerprint)
+            headers = {**bearer(keys[tenant]), "Content-Type": "application/octet-stream"}
+            assert client.put(f"/v1/prefixes/{prefix_id}", content=data, headers=headers).status_code == 201
+        yield {"client": client, "key": keys["compat-a"], "backbone": tiny_backbones["roberta"]}
 
 
 def ours(app, inputs, pairs=None):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.e2e.test_server import bearer, new_tenant, packed_adapter, put_packed
+from tests.fixtures.served_app import GENEROUS_LIMITS, served_app
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
@@ -24,39 +25,13 @@ THREADS = 4
 
 @pytest.fixture(scope="module")
 def app(ray_serve, redis_server, tiny_backbones, tmp_path_factory):
-    from ray import serve
-
-    from prefixserve.server.app import build_app
-    from prefixserve.server.auth import resolve_admin_key
-
-    key_file = tmp_path_factory.mktemp("admin") / "admin_key"
-    admin_key, _ = resolve_admin_key(key_file)
-    settings = dict(
-        backbone=tiny_backbones["roberta"],
-        store=redis_server.url + "?prefix=vertest:",
-        device="cpu",
-        replicas=2,  # two Workers and two Ingresses: a pin must reach every one of them
-        ingress_replicas=2,
-        worker_num_cpus=0.5,
-        ingress_num_cpus=0.5,
-        torch_threads=1,
-        max_batch_size=8,
-        batch_wait_timeout_s=0.005,
-        admin_key_file=str(key_file),
-        default_limits={"requests_per_s": 1000.0, "rows_per_s": 0.0, "burst_s": 5.0, "max_concurrent": 64},
-    )
-    serve.run(build_app(settings), name="prefixserve-versions", route_prefix="/")
-    client = httpx.Client(base_url=ray_serve.url, timeout=60.0)
-    ready = client.get("/readyz")
-    assert ready.status_code == 200, ready.text
-    yield {
-        "client": client,
-        "admin": admin_key,
-        "fingerprint": ready.json()["fingerprint"],
-        "backbone": tiny_backbones["roberta"],
-    }
-    client.close()
-    serve.delete("prefixserve-versions")
+    store = redis_server.url + "?prefix=vertest:"
+    tmp = tmp_path_factory.mktemp("admin")
+    # two Workers and two Ingresses: a pin must reach every one of them
+    two = dict(replicas=2, ingress_replicas=2, max_batch_size=8, default_limits=GENEROUS_LIMITS)
+    backbone = tiny_backbones["roberta"]
+    with served_app(ray_serve, "prefixserve-versions", backbone, store, tmp, **two) as a:
+        yield {"client": a.client, "admin": a.admin_key, "fingerprint": a.fingerprint, "backbone": backbone}
 
 
 def classify(app, key, prefix_id, version=None):
