@@ -77,3 +77,42 @@ def test_pack_unpack_inspect_cli(job, tmp_path, capsys):
     assert main(["unpack", str(out), "-o", str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert main(["inspect", str(root / "corrupt.safetensors")]) == 2
+
+
+def test_every_kind_in_one_job(tiny_backbones, tmp_path):
+    """LoRA and IA3 PEFT folders, an AdapterHub bottleneck folder and a packed file in one job: each line equals
+    its reference (PEFT's logits; the engine on the packed adapter for the AdapterHub folder)."""
+    from prefixserve.adapters.bottleneck import hub_io
+    from prefixserve.adapters.engine import Engine, Row
+    from prefixserve.adapters.format import load_packed
+    from prefixserve.adapters.synthetic import random_adapter
+
+    bdir = tiny_backbones["roberta"]
+    bb = load_backbone(bdir)
+    lora = make_peft_adapter(bdir, tmp_path / "lora", "lora", 0, 2, seed=3, scale=0.3)
+    ia3 = make_peft_adapter(bdir, tmp_path / "ia3", "ia3", 0, 2, seed=4)
+    packed = random_adapter(bb.config, bb.fingerprint, kind="bottleneck", labels=["neg", "pos"], seed=5)
+    af = load_packed(packed)
+    hub = hub_io.to_hub_folder(af.peft_config, af.tensors, tmp_path / "hub", "roberta", labels=["neg", "pos"])
+    lora_packed = tmp_path / "lora.safetensors"
+    lora_packed.write_bytes(pack_folder(lora, fingerprint=bb.fingerprint))
+    texts = ["great film", "terrible movie", "a story"]
+    lines = [{"adapter": str(a), "text": t} for t in texts for a in (lora, ia3, hub, lora_packed)]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["predict", "--backbone", bdir, "--input", str(inp), "--output", str(out), "--batch-size", "5"]) == 0
+    res = [json.loads(x) for x in out.read_text().splitlines()]
+    assert not [r for r in res if "error" in r], res
+    refs = {
+        str(lora): peft_logits(bdir, lora, 2, bb.tokenizer, texts)[0],
+        str(ia3): peft_logits(bdir, ia3, 2, bb.tokenizer, texts)[0],
+        str(lora_packed): peft_logits(bdir, lora, 2, bb.tokenizer, texts)[0],
+    }
+    engine = Engine(bb)
+    hub_adapter = engine.adapter("hub", lambda: packed)
+    refs[str(hub)] = [p.logits for p in engine.predict([Row(hub_adapter, t) for t in texts])]
+    for line, r in zip(lines, res):
+        want = refs[line["adapter"]][texts.index(line["text"])]
+        want = want.tolist() if hasattr(want, "tolist") else want
+        assert max(abs(a - b) for a, b in zip(r["logits"], want)) <= 1e-5, line
+    assert {r["label"] for r, line in zip(res, lines) if line["adapter"] == str(hub)} <= {"neg", "pos"}
