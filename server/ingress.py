@@ -66,7 +66,9 @@ from .uploads import OPENAPI_BODY, read_upload
 
 REPLICA_HEADER = "x-prefixserve-replica"
 LIMITS_TTL_S = 2.0  # how long an Ingress replica uses a tenant's limits before re-reading them
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503)
+}
 
 # /docs and /redoc load their JS/CSS from the package (no CDN); the schema declares bearer auth
 app = docs.offline_app(
