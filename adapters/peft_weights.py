@@ -75,6 +75,14 @@ BOOKKEEPING_FIELDS = (
 )
 
 
+def check_type(config: Mapping[str, Any], peft_type: str) -> None:
+    """The config is a SEQ_CLS adapter of ``peft_type``."""
+    if config.get("peft_type") != peft_type:
+        raise bad(f"peft_type must be {peft_type!r}, got {short(config.get('peft_type'))}", "bad_config")
+    if config.get("task_type") != "SEQ_CLS":
+        raise bad(f"task_type {short(config.get('task_type'))} is not supported: SEQ_CLS only", "unsupported_config")
+
+
 def require_targets(resolved: Mapping[tuple[int, str], Any], others: list[str]) -> None:
     """A fresh adapter's targets: some of the encoder's linear modules, and nothing else."""
     if others:

@@ -65,12 +65,7 @@ class IA3Config:
 
 def check_config(config: dict[str, Any]) -> None:
     """Every field of an IA3 ``adapter_config``: types, and no feature we do not serve."""
-    if config.get("peft_type") != PEFT_TYPE:
-        raise pw.bad(f"peft_type must be {PEFT_TYPE!r}, got {pw.short(config.get('peft_type'))}", "bad_config")
-    if config.get("task_type") != "SEQ_CLS":
-        raise pw.bad(
-            f"task_type {pw.short(config.get('task_type'))} is not supported: SEQ_CLS only", "unsupported_config"
-        )
+    pw.check_type(config, PEFT_TYPE)
     for name, value in config.items():
         if name not in FREE_FIELDS and not pw.empty(value):
             raise pw.bad(f"adapter_config.{pw.short(name, 40)} is not an IA3 field we support", "unsupported_config")

@@ -135,12 +135,7 @@ def _rank(value: object, where: str) -> int:
 
 def check_config(config: dict[str, Any]) -> None:
     """Every field of a LoRA ``adapter_config``: types, ranges, and no feature we do not serve."""
-    if config.get("peft_type") != PEFT_TYPE:
-        raise pw.bad(f"peft_type must be {PEFT_TYPE!r}, got {pw.short(config.get('peft_type'))}", "bad_config")
-    if config.get("task_type") != "SEQ_CLS":
-        raise pw.bad(
-            f"task_type {pw.short(config.get('task_type'))} is not supported: SEQ_CLS only", "unsupported_config"
-        )
+    pw.check_type(config, PEFT_TYPE)
     for name in OFF_FIELDS:
         if not pw.empty(config.get(name)):
             raise pw.bad(
