@@ -24,7 +24,7 @@ from .cache import DEFAULT_BUDGET_BYTES, AdapterCache
 from .format import AdapterFile, AdapterMeta, load_packed
 from .heads import ClassificationHead
 from .kinds import weight_kind
-from .packing import prefix_to_kv
+from .packing import PackedBatch, prefix_to_kv
 from .ref import AdapterRef
 from .rowkinds import RowKind, SegmentHooks, adapter_nbytes
 from .transfer import to_device_tensors
@@ -172,23 +172,22 @@ class Engine:
                 tokenize([i], truncation=True, max_length=self.room(r.adapter))
         return ids, types, truncated
 
-    @torch.inference_mode()
-    def forward(self, rows: list[Row]) -> tuple[list[Tensor], list[bool]]:
-        """Raw float32 logits per row (each (C_row,)) and truncated flags, from ONE encoder forward."""
-        if not rows:
-            return [], []
-        ids, types, truncated = self._tokenize(rows)
-        groups: dict[AdapterKey, list[int]] = {}  # adapter -> its rows, in order of first appearance
+    def pack(
+        self, rows: list[Row], ids: list[list[int]], types: list[list[int]]
+    ) -> tuple[PackedBatch, list[list[int]]]:
+        """The batch in stream order (each adapter's rows contiguous, with its weight adapter on that segment)
+        and the row indices of each adapter, in order of first appearance."""
+        groups: dict[AdapterKey, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.adapter.key, []).append(i)
-        order = [i for idx in groups.values() for i in idx]  # each adapter's rows contiguous in the stream
+        order = [i for idx in groups.values() for i in idx]
         batch = self.encoder.pack(
             [ids[i] for i in order],
             [types[i] for i in order],
             prompts=[rows[i].adapter.virtual if rows[i].adapter.kind == "prompt" else None for i in order],
             prefixes=[rows[i].adapter.virtual if rows[i].adapter.kind == "prefix" else None for i in order],
         )
-        starts = batch.row_starts or batch.cu_seqlens.tolist()  # (B+1,) row offsets in the stream
+        starts = batch.row_starts  # (B+1,) row offsets in the stream, on the host
         segments, pos = [], 0
         for idx in groups.values():
             weights = rows[idx[0]].adapter.weights
@@ -197,22 +196,36 @@ class Engine:
             pos += len(idx)
         if segments:
             batch.hooks = SegmentHooks(segments)
-        hidden = self.encoder(batch)  # (T, H): every real token of every row, no padding
+        return batch, list(groups.values())
+
+    def heads(self, rows: list[Row], hidden: Tensor, batch: PackedBatch, groups: list[list[int]]) -> list[Tensor]:
+        """Each row's float32 logits (C_row,) from its adapter's head on token 0, in request order."""
         first = self.encoder.first_tokens(hidden, batch).float()  # (B, 1, H) in stream order: all heads read
         pooler = self.encoder.pooler  # float32 (or None)
         outs, pos = [], 0
-        for idx in groups.values():
+        for idx in groups:
             outs.append(rows[idx[0]].adapter.head(first[pos : pos + len(idx)], pooler))  # (n, C) float32
             pos += len(idx)
         flat = torch.cat([o.flatten() for o in outs]).cpu()  # ONE device -> host copy per batch
         logits: list[Tensor] = [flat[:0]] * len(rows)
         at = 0
-        for idx, o in zip(groups.values(), outs):
+        for idx, o in zip(groups, outs):
             n, c = o.shape
             for j, i in enumerate(idx):
                 logits[i] = flat[at + j * c : at + (j + 1) * c]
             at += n * c
-        return logits, truncated
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row]) -> tuple[list[Tensor], list[bool]]:
+        """Raw float32 logits per row (each (C_row,)) and truncated flags, from ONE encoder forward:
+        :meth:`_tokenize` -> :meth:`pack` -> the encoder -> :meth:`heads`."""
+        if not rows:
+            return [], []
+        ids, types, truncated = self._tokenize(rows)
+        batch, groups = self.pack(rows, ids, types)
+        hidden = self.encoder(batch)  # (T, H): every real token of every row, no padding
+        return self.heads(rows, hidden, batch, groups), truncated
 
     def predict(self, rows: list[Row]) -> list[Prediction]:
         logits, truncated = self.forward(rows)

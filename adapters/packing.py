@@ -62,8 +62,8 @@ class PackedBatch:
     max_k: int
     groups: list[AttentionGroup] | None  # None: varlen attention over the whole stream
     group_order: Tensor | None  # (T,) long: stream slot -> row in the concatenated group outputs
+    row_starts: list[int]  # (B+1,) cu_seqlens on the host: segments without a device sync
     hooks: SegmentHooks | None = None  # weight adapters (LoRA, IA3, bottleneck) per row segment (.rowkinds)
-    row_starts: list[int] | None = None  # (B+1,) cu_seqlens on the host: segments without a device sync
 
     @property
     def num_tokens(self) -> int:

@@ -166,7 +166,7 @@ def run_group(bb, name: str, args, kind: str, p: int, batch: int, tokens: int, t
 def profile(bb, args, texts: list[str]) -> dict:
     """Phase breakdown (interleaved, median) of backbone-only vs the engine at the headline setting,
     plus a torch.profiler top-ops table for one call of each."""
-    from prefixserve.adapters.engine import AdapterKey, Row
+    from prefixserve.adapters.engine import Row
 
     h = headline(args)
     batch, p = h["batch"], h["p"]
@@ -198,19 +198,11 @@ def profile(bb, args, texts: list[str]) -> dict:
             plain(rows)
         # engine, step by step as Engine.forward does it
         ids, types, _ = clock("engine: tokenize", lambda: eng._tokenize(rows))
-        groups: dict[AdapterKey, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(r.adapter.key, []).append(i)
-        prefixes = [r.adapter.virtual if r.adapter.kind == "prefix" else None for r in rows]
-        packed = clock("engine: pack + gather K/V", lambda: encoder.pack(ids, types, prefixes=prefixes))
+        packed, groups = clock("engine: pack + gather K/V", lambda: eng.pack(rows, ids, types))
         bare = encoder.pack(ids, types)  # the same rows without prefixes (not timed: its pack is the backbone's)
         clock("engine: encode, no virtual tokens", lambda: encoder(bare))  # (T, H)
         hidden = clock("engine: encode with prefixes", lambda: encoder(packed))  # (T, H)
-        first = encoder.first_tokens(hidden, packed).float()  # (B, 1, H)
-        clock(
-            "engine: heads",
-            lambda: [rows[idx[0]].adapter.head(first[idx], encoder.pooler).cpu() for idx in groups.values()],
-        )
+        clock("engine: heads", lambda: eng.heads(rows, hidden, packed, groups))
         if rep % 2 != 0:
             plain(rows)
 

@@ -4,7 +4,8 @@
 
 The realistic mix (:mod:`bench.mix`, median 18 tokens) in arrival batches, served by our engine in the
 auto dtype with ``--adapters`` distinct adapters of the given kinds (round-robin over rows). Each stage
-is timed with a device sync before and after, so the stages add up to a batch (on CUDA the forward is
+(the engine's own ``_tokenize``, ``pack``, encoder, ``heads``) is timed with a device sync before and after,
+so the stages add up to a batch (on CUDA the forward is
 otherwise asynchronous). Then ``torch.profiler`` over a few batches prints the operators by self CPU time
 and by device time: on a GPU, a batch that is launch- or host-bound shows up as CPU time far above
 device time. Written for the GPU check (``bench.gpu_check``), runs anywhere.
@@ -37,7 +38,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from prefixserve.adapters.backbone import load_backbone
     from prefixserve.adapters.engine import Engine, Row
-    from prefixserve.adapters.rowkinds import SegmentHooks
     from prefixserve.adapters.synthetic import random_adapter
 
     common.quiet()
@@ -67,22 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = clock()
         ids, types, _ = engine._tokenize(rows)
         t1 = clock()
-        batch = engine.encoder.pack(
-            ids,
-            types,
-            prompts=[r.adapter.virtual if r.adapter.kind == "prompt" else None for r in rows],
-            prefixes=[r.adapter.virtual if r.adapter.kind == "prefix" else None for r in rows],
-        )
-        starts = batch.cu_seqlens.tolist()
-        segs = [(starts[i], starts[i + 1], r.adapter.weights) for i, r in enumerate(rows) if r.adapter.weights]
-        if segs:
-            batch.hooks = SegmentHooks(segs)
+        batch, groups = engine.pack(rows, ids, types)
         t2 = clock()
         hidden = engine.encoder(batch)
         t3 = clock()
-        first = engine.encoder.first_tokens(hidden, batch).float()
-        outs = [r.adapter.head(first[i : i + 1], engine.encoder.pooler) for i, r in enumerate(rows)]
-        torch.cat([o.flatten() for o in outs]).cpu()
+        engine.heads(rows, hidden, batch, groups)
         t4 = clock()
         for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
             stages[k].append(v * 1e3)
