@@ -20,7 +20,7 @@ the same code trains under autograd (one segment: the whole stream) and serves u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -118,34 +118,26 @@ class SegmentHooks:
         return (layer, point) in self._at
 
     def before(self, layer: int, point: str, x: Tensor) -> Tensor:
-        hits = self._at.get((layer, point))
-        if not hits:
-            return x
-        parts = []
-        for s, e, k in hits:
-            seg = x[s:e]
-            out = k.before(layer, point, seg)
-            if out is not seg:  # most kinds leave inputs alone (LoRA, output-side IA3): no copy of the stream
-                parts.append((s, e, out))
-        return _spliced(x, parts, fresh=False) if parts else x
+        return self._each(layer, point, x, False, lambda k, s, e, seg: k.before(layer, point, seg))
 
     def after(self, layer: int, point: str, x: Tensor, y: Tensor, linear: nn.Linear) -> Tensor:
-        hits = self._at.get((layer, point))
-        if not hits:
-            return y
-        parts = []
-        for s, e, k in hits:
-            seg = y[s:e]
-            out = k.after(layer, point, x[s:e], seg, linear)
-            if out is not seg:
-                parts.append((s, e, out))
-        return _spliced(y, parts, fresh=True) if parts else y
+        return self._each(layer, point, y, True, lambda k, s, e, seg: k.after(layer, point, x[s:e], seg, linear))
 
     def norm(self, layer: int, point: str, x: Tensor, h: Tensor, y: Tensor, ln: nn.LayerNorm) -> Tensor:
-        hits = self._at.get((layer, point))
-        if not hits:
-            return y
-        return _spliced(y, [(s, e, k.norm(layer, point, x[s:e], h[s:e], y[s:e], ln)) for s, e, k in hits], fresh=True)
+        return self._each(layer, point, y, True, lambda k, s, e, seg: k.norm(layer, point, x[s:e], h[s:e], seg, ln))
+
+    def _each(
+        self, layer: int, point: str, base: Tensor, fresh: bool, run: Callable[[RowKind, int, int, Tensor], Tensor]
+    ) -> Tensor:
+        """``base`` with each adapter's rows replaced by ``run`` on them. A kind that hands back the segment it
+        was given changed nothing: most leave inputs alone (LoRA, output-side IA3), so no copy is made."""
+        parts = []
+        for s, e, k in self._at.get((layer, point), ()):
+            seg = base[s:e]
+            out = run(k, s, e, seg)
+            if out is not seg:
+                parts.append((s, e, out))
+        return _spliced(base, parts, fresh=fresh) if parts else base
 
 
 def _spliced(base: Tensor, parts: list[tuple[int, int, Tensor]], *, fresh: bool) -> Tensor:
