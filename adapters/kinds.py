@@ -12,8 +12,9 @@ bottleneck     BOTTLENECK (ours: PEFT has none)     ``encoder.layer.{i}.{block}.
 
 *Virtual* kinds (prefix, prompt) add tokens to a row; *weight* kinds (lora, ia3, bottleneck) change the
 encoder's computation on a row's tokens (:mod:`.rowkinds`). Each weight kind is a package
-``prefixserve.adapters.<kind>`` exporting ``PEFT_TYPE``, ``KIND``, ``check(config, body) -> BodyShape`` and
-``build(config, body) -> nn.Module`` (a :class:`~.rowkinds.RowKind`).
+``prefixserve.adapters.<kind>`` exporting ``PEFT_TYPE``, ``KIND``, ``check(config, body) -> BodyShape``,
+``build(config, body) -> nn.Module`` (a :class:`~.rowkinds.RowKind`) and ``Adapter``, that module's class
+(``Adapter.init(cfg, backbone_config)``: a fresh trainable one).
 """
 
 from __future__ import annotations

@@ -257,9 +257,8 @@ def _random_weights(config, kind: str, g, base_model: str, weight_config: Any) -
             weight_config = pkg.BottleneckConfig.pfeiffer(reduction_factor=16)
     if base_model and any(f.name == "base_model_name_or_path" for f in dataclasses.fields(weight_config)):
         weight_config = dataclasses.replace(weight_config, base_model_name_or_path=base_model)
-    adapter_cls = {"lora": "LoraAdapter", "ia3": "IA3Adapter", "bottleneck": "BottleneckAdapter"}[kind]
     with torch.random.fork_rng(devices=[]):  # init draws from the global RNG: ours stays seeded by ``g`` alone
-        layout = getattr(pkg, adapter_cls).init(weight_config, config).body()  # name -> tensor (shapes only)
+        layout = pkg.Adapter.init(weight_config, config).body()  # name -> tensor (shapes only)
     body = {name: _draw(name, tuple(t.shape), g) for name, t in sorted(layout.items())}
     return weight_config.to_config_dict(), body
 

@@ -40,12 +40,13 @@ from typing import Any
 
 import torch
 
+from prefixserve.adapters.kinds import KINDS
+
 from . import common
 from .kinds_report import plot, report
 from .mix import Mix, make_mix
 
 NAME = "kinds"
-KINDS = ("prefix", "prompt", "lora", "ia3", "bottleneck")
 WEIGHT_KINDS = ("lora", "ia3", "bottleneck")
 BASE = "backbone-only"
 TARGET = 0.9  # mixed-all-kinds / backbone-only on CPU

@@ -69,9 +69,6 @@ def encoder_config(encoder: nn.Module) -> PretrainedConfig:
     return config
 
 
-ADAPTER_CLASSES = {"lora": "LoraAdapter", "ia3": "IA3Adapter", "bottleneck": "BottleneckAdapter"}  # in each package
-
-
 def weight_config(kind: str, options: WeightOptions, own_pooler: bool = False) -> Any:
     """The weight kind package's config (``LoraConfig`` / ``IA3Config`` / ``BottleneckConfig``) for the
     trainer's options; ``own_pooler``: the head trains BERT's pooler (saved whole, as PEFT's modules_to_save)."""
@@ -160,7 +157,7 @@ class AdapterModel(nn.Module):
                 self.vconfig, self.virtual = prompt, PromptEncoder(prompt, init)
             elif kind in WEIGHT_KINDS:  # fresh, initialised as the reference library does (seeded above)
                 self.wconfig = weight_config(kind, weight_options or WeightOptions(), own_pooler)
-                self.weights = getattr(weight_kind(kind), ADAPTER_CLASSES[kind]).init(self.wconfig, c)
+                self.weights = weight_kind(kind).Adapter.init(self.wconfig, c)
             elif kind is not None:
                 raise ValueError(f"kind must be one of {VIRTUAL_KINDS + WEIGHT_KINDS} or None, got {kind!r}")
             self.head = ClassificationHead(self.hidden, num_labels, style, own_pooler=own_pooler)

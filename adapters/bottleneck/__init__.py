@@ -6,7 +6,10 @@ from .model import BottleneckAdapter, build, check
 
 KIND = "bottleneck"
 
+Adapter = BottleneckAdapter  # the kind's RowKind module, under the name every weight kind exports (see ..kinds)
+
 __all__ = [
+    "Adapter",
     "KIND",
     "PEFT_TYPE",
     "BottleneckAdapter",

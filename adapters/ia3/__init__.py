@@ -3,4 +3,6 @@
 from .config import KIND, PEFT_TYPE, IA3Config, check
 from .model import IA3Adapter, build
 
-__all__ = ["KIND", "PEFT_TYPE", "IA3Adapter", "IA3Config", "build", "check"]
+Adapter = IA3Adapter  # the kind's RowKind module, under the name every weight kind exports (see ..kinds)
+
+__all__ = ["Adapter", "KIND", "PEFT_TYPE", "IA3Adapter", "IA3Config", "build", "check"]

@@ -3,4 +3,6 @@
 from .config import KIND, MAX_RANK, PEFT_TYPE, LoraConfig, check
 from .model import LoraAdapter, build
 
-__all__ = ["KIND", "MAX_RANK", "PEFT_TYPE", "LoraAdapter", "LoraConfig", "build", "check"]
+Adapter = LoraAdapter  # the kind's RowKind module, under the name every weight kind exports (see ..kinds)
+
+__all__ = ["Adapter", "KIND", "MAX_RANK", "PEFT_TYPE", "LoraAdapter", "LoraConfig", "build", "check"]
