@@ -18,6 +18,7 @@ from prefixserve.trainer.data import Example, load_datasets, read_examples
 from prefixserve.trainer.model import AdapterModel, tokenize, tokenizer_of
 from prefixserve.trainer.pretrain import PretrainConfig, load_prefix_init, pretrain
 from prefixserve.trainer.train import TrainConfig, train
+from tests.fixtures.backbones import learnable_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; identical reductions across processes
 
@@ -55,19 +56,7 @@ def data(tmp_path_factory):
 def learnable(tmp_path_factory) -> str:
     """A tiny RoBERTa whose matrices are N(0, 0.15): the shared fixture's N(0, 0.02) init passes almost no
     token information to position 0, so nothing can be learnt through it."""
-    from transformers import RobertaForMaskedLM
-
-    from prefixserve.adapters.synthetic import make_backbone
-
-    out = make_backbone(tmp_path_factory.mktemp("learnable"), "roberta", seed=5)
-    model = RobertaForMaskedLM.from_pretrained(out)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embeddings" not in name:
-                p.normal_(0.0, 0.15, generator=gen)
-    model.save_pretrained(out)
-    return str(out)
+    return learnable_backbone(tmp_path_factory.mktemp("learnable"), "roberta", 5)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from prefixserve.trainer.config import KIND_LR
 from prefixserve.trainer.data import Example, read_examples
 from prefixserve.trainer.model import AdapterModel, tokenize, tokenizer_of
 from prefixserve.trainer.train import TrainConfig, evaluate, train
+from tests.fixtures.backbones import learnable_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,19 +53,7 @@ def data(tmp_path_factory) -> dict[str, str]:
 def learnable(tmp_path_factory) -> str:
     """A tiny BERT without pooler weights (the head trains its own) whose matrices are N(0, 0.15), so token
     information reaches position 0 (the shared fixtures' N(0, 0.02) passes almost none)."""
-    from transformers import BertForMaskedLM
-
-    from prefixserve.adapters.synthetic import make_backbone
-
-    out = make_backbone(tmp_path_factory.mktemp("kinds-bb"), "bert", seed=7, pooler=False)
-    model = BertForMaskedLM.from_pretrained(out)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embeddings" not in name:
-                p.normal_(0.0, 0.15, generator=gen)
-    model.save_pretrained(out)
-    return str(out)
+    return learnable_backbone(tmp_path_factory.mktemp("kinds-bb"), "bert", 7, pooler=False)
 
 
 def config(bdir: str, data: dict[str, str], kind: str, **kw) -> TrainConfig:
