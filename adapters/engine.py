@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PretrainedConfig
 
 from .backbone import Backbone
@@ -117,12 +117,10 @@ class Engine:
         nbytes = adapter_nbytes(head)
         kind = adapter.meta.kind
         if adapter.meta.is_weight_kind:
-            module: nn.Module = weight_kind(kind).build(adapter.peft_config, adapter.body)  # copies (CPU, fp32)
-            module = module.to(self.device, self.dtype).eval().requires_grad_(False)
-            serving = getattr(module, "for_serving", None)
-            if serving is not None:  # e.g. LoRA: each point's modules folded into one matmul pair
-                serving()
-            return DeviceAdapter(key, adapter.meta, None, head, nbytes + adapter_nbytes(module), module)  # type: ignore[arg-type]
+            weights = weight_kind(kind).build(adapter.peft_config, adapter.body)  # a RowKind module (CPU, fp32)
+            weights = weights.to(self.device, self.dtype).eval().requires_grad_(False)
+            weights.for_serving()  # e.g. LoRA: each point's modules folded into one matmul pair
+            return DeviceAdapter(key, adapter.meta, None, head, nbytes + adapter_nbytes(weights), weights)
         # The parsed tensors view the packed bytes (zero-copy): each kept tensor gets its own memory exactly
         # once (the K/V relayout, or copy=True), so a resident adapter never pins the whole file buffer.
         virtual = to_device_tensors({"v": adapter.virtual}, self.device, self.dtype, copy=kind != "prefix")["v"]

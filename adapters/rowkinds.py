@@ -82,6 +82,10 @@ class RowKind(Protocol):
         """Residual input x, sub-layer output h, backbone ``ln(x + h)`` y, each (n, H) -> the output (n, H)."""
         ...
 
+    def for_serving(self) -> None:
+        """Once on the serving device and dtype, before any batch: precompute a faster serving form, if any."""
+        ...
+
 
 class PassThrough:
     """Identity for every method: kinds subclass it and override the points they use."""
@@ -96,6 +100,9 @@ class PassThrough:
 
     def norm(self, layer: int, point: str, x: Tensor, h: Tensor, y: Tensor, ln: nn.LayerNorm) -> Tensor:
         return y
+
+    def for_serving(self) -> None:
+        return None
 
 
 @dataclass
