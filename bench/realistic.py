@@ -449,6 +449,13 @@ def headline(result: dict) -> list[dict]:
                 "value": f"{common.median_ratio(result['main']['timed'], 'engine-bf16', 'engine'):.3f}x",
             }
         )
+    elif result["setup"]["dtype"] == "bfloat16" and "engine-fp32" in result["main"]["timed"]:  # native bf16 CPU
+        out.append(
+            {
+                "name": "realistic: engine bf16 / engine fp32 on this CPU",
+                "value": f"{common.median_ratio(result['main']['timed'], 'engine', 'engine-fp32'):.3f}x",
+            }
+        )
     return out
 
 

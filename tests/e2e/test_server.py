@@ -44,6 +44,7 @@ def server(ray_serve, redis_server, tiny_backbones, tmp_path_factory):
         backbone=tiny_backbones["roberta"],
         store=redis_server.url + "?prefix=srvtest:",
         device="cpu",
+        dtype="float32",  # compared with PEFT at 1e-5: "auto" would be bf16 on an AMX / AVX512-BF16 CPU
         replicas=2,
         worker_num_cpus=0.5,
         ingress_num_cpus=0.5,

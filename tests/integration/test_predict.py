@@ -11,6 +11,8 @@ from prefixserve.adapters.peft_io import pack_folder
 from prefixserve.server.main import main
 from tests.fixtures.backbones import make_peft_adapter, peft_logits
 
+FP32 = ["--dtype", "float32"]  # compared with references at 1e-5; "auto" is bf16 on AMX / AVX512-BF16 CPUs
+
 
 @pytest.fixture(scope="module")
 def job(tiny_backbones, tmp_path_factory):
@@ -39,7 +41,10 @@ def job(tiny_backbones, tmp_path_factory):
 def test_each_line_answered_in_order(job):
     bdir, root, inp, prefix_dir = job
     out = root / "out.jsonl"
-    assert main(["predict", "--backbone", bdir, "--input", str(inp), "--output", str(out), "--batch-size", "2"]) == 0
+    assert (
+        main(["predict", "--backbone", bdir, "--input", str(inp), "--output", str(out), "--batch-size", "2", *FP32])
+        == 0
+    )
     res = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(res) == 7
     assert [r.get("error", {}).get("code") for r in res] == [
@@ -100,7 +105,10 @@ def test_every_kind_in_one_job(tiny_backbones, tmp_path):
     lines = [{"adapter": str(a), "text": t} for t in texts for a in (lora, ia3, hub, lora_packed)]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert main(["predict", "--backbone", bdir, "--input", str(inp), "--output", str(out), "--batch-size", "5"]) == 0
+    assert (
+        main(["predict", "--backbone", bdir, "--input", str(inp), "--output", str(out), "--batch-size", "5", *FP32])
+        == 0
+    )
     res = [json.loads(x) for x in out.read_text().splitlines()]
     assert not [r for r in res if "error" in r], res
     refs = {

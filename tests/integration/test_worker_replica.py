@@ -44,7 +44,9 @@ def test_worker_batches_across_requests_and_isolates_failures(tiny_backbones, tm
     from prefixserve.server.worker import Worker
 
     url = f"file://{tmp_path / 'store'}"
-    settings = AppSettings(backbone=tiny_backbones["roberta"], store=url, device="cpu", torch_threads=1)
+    settings = AppSettings(
+        backbone=tiny_backbones["roberta"], store=url, device="cpu", dtype="float32", torch_threads=1
+    )
     replica = cast(Any, Worker).func_or_class(settings)  # the class under @serve.deployment
 
     store = open_store(url)
@@ -121,7 +123,9 @@ def test_a_reused_name_is_never_served_the_old_owners_adapter(tiny_backbones, tm
     from prefixserve.server.worker import Worker
 
     url = f"file://{tmp_path / 'store'}"
-    settings = AppSettings(backbone=tiny_backbones["roberta"], store=url, device="cpu", torch_threads=1)
+    settings = AppSettings(
+        backbone=tiny_backbones["roberta"], store=url, device="cpu", dtype="float32", torch_threads=1
+    )
     replica = cast(Any, Worker).func_or_class(settings)
     replica._on_change = lambda event: None  # the change feed may lag arbitrarily: correctness must not need it
     store = open_store(url)
