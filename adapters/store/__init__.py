@@ -4,11 +4,13 @@
 
 * ``file:///var/lib/prefixserve`` -- embedded default, one machine (:mod:`.file`)
 * ``redis://[:password@]host:6379/0?prefix=ps:`` or ``rediss://`` -- shared by all replicas
-  (:mod:`.redis_store`); the password may come from ``PREFIXSERVE_REDIS_PASSWORD`` instead
+  (:mod:`.redis_store`); the password may come from ``PREFIXSERVE_REDIS_PASSWORD`` instead, or from
+  the file ``PREFIXSERVE_REDIS_PASSWORD_FILE`` names (a mounted Secret)
 * ``memory://`` -- a throwaway temporary file store, for tests and demos
 
 See :mod:`.base` for the semantics every backend keeps, and why serving replicas need only the
-``AdapterReader`` side of the ``AdapterStore`` that ``open_store`` returns.
+``AdapterReader`` side of the ``AdapterStore`` that ``open_store`` returns. Both backends also
+implement ``TrainingStore`` (training datasets and job records, :mod:`.jobs`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ from .base import (
     default_validator,
 )
 from .ids import ID_PATTERN, check_id, check_tenant
+from .jobs import (
+    ACTIVE,
+    DATASET_FORMATS,
+    JOB_STATES,
+    DatasetInfo,
+    EpochRecord,
+    JobError,
+    JobRecord,
+    TrainingLimits,
+    TrainingStore,
+    check_dataset_id,
+    check_job_id,
+)
 
 ENV_URL = "PREFIXSERVE_STORE"
 
@@ -56,6 +71,17 @@ __all__ = [
     "DEFAULT_RETAIN_GRACE_S",
     "ENV_URL",
     "StoreBase",
+    "TrainingStore",
+    "TrainingLimits",
+    "DatasetInfo",
+    "EpochRecord",
+    "JobError",
+    "JobRecord",
+    "JOB_STATES",
+    "ACTIVE",
+    "DATASET_FORMATS",
+    "check_dataset_id",
+    "check_job_id",
 ]
 
 

@@ -23,7 +23,7 @@ turned read-only) stays invisible -- ``get``/``versions`` never show a version a
 one -- and the next put of that id deletes it. Retention marks old versions ``gone`` (one listdir
 reads every marker) and the next puts delete them once ``retain_grace_s`` has passed. The change
 feed polls ``current.json`` inode/mtime every ``poll_interval`` seconds (no inotify). Tenants and
-keys: :mod:`.file_tenants`.
+keys: :mod:`.file_tenants`; training datasets and jobs (``tenants/<T>/datasets/``, ``jobs/``): :mod:`.file_jobs`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pathlib import Path
 from ..errors import NotFoundError
 from .base import ChangeEvent, Quota, VersionHistory, VersionInfo
 from .file_base import info_of, read_json, remove_quietly, served_of, write_atomic, writes
+from .file_jobs import FileJobs
 from .file_tenants import FileTenants
 from .ids import check_version
 
@@ -50,7 +51,7 @@ _NO_VERSION = "version {} of adapter {!r} not found"
 _log = logging.getLogger(__name__)
 
 
-class FileStore(FileTenants):
+class FileStore(FileJobs, FileTenants):
     def __init__(self, root: str | os.PathLike, **opts):
         super().__init__(root, **opts)
         self._feed_thread: threading.Thread | None = None

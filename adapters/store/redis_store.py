@@ -17,6 +17,7 @@ so they never contain ``:``)::
     P vfloor                  STRING highest version a deleted tenant used (survives every tenant)
     P probe                   STRING ``check_writable``'s probe (expires within a second)
     P events                  pub/sub channel of {"t", "p", "v"} (v null: deleted)
+    P ds:<T> dsb:<T>:<D> job:<T>:<J> jobs:<T> jact:<T>    training datasets and jobs (:mod:`.redis_jobs`)
 
 ``put``: validate; *reserve* (one script: tenant exists, next version, pending marker, a placeholder
 at the blob key, collect the tenant's stale pending blobs); *write* the blob over the placeholder
@@ -53,6 +54,7 @@ from ..errors import ConflictError, NotFoundError, QuotaExceededError
 from .base import VersionHistory, VersionInfo, unavailable
 from .ids import check_id, check_tenant, check_version
 from .redis_common import PASSWORD_ENV, guard, parse_redis_url, text
+from .redis_jobs import RedisJobs
 from .redis_tenants import RedisTenants
 
 __all__ = ["RedisStore", "parse_redis_url", "PASSWORD_ENV"]
@@ -62,7 +64,7 @@ PLACEHOLDER = b"\x00prefixserve:pending\x00"  # holds a reserved blob key until 
 _log = logging.getLogger(__name__)
 
 
-class RedisStore(RedisTenants):
+class RedisStore(RedisJobs, RedisTenants):
     # adapters
     @guard
     def put(self, tenant: str, prefix_id: str, data: bytes) -> VersionInfo:

@@ -140,6 +140,7 @@ class RedisTenants(RedisBase):
     @guard
     def delete_tenant(self, name: str) -> None:
         check_tenant(name)
+        # the script purges the tenant's training datasets and jobs too (registered by redis_jobs)
         done = self._scripts["delete_tenant"](
             keys=[
                 self._k("tenants"),
