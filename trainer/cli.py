@@ -231,8 +231,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "experiment",
         formatter_class=_HelpFormatter,
         help="reproduce paper tables (table1)",
-        description="table1: linear probe, frozen prefix at each length (optionally pre-trained "
-        "init), full fine-tuning, prefix + full fine-tuning; writes table1.md and table1.json.",
+        description="table1: linear probe, frozen prefix at each length (with --pretrain-corpus also from an "
+        "MLM pre-trained prefix per length; --init-from: one pre-trained init row), full fine-tuning, prefix + "
+        "full fine-tuning; writes table1.md, table1.json and table1.png.",
     )
     p.add_argument("table", choices=["table1"])
     add_config_options(p, ExperimentConfig)

@@ -223,6 +223,20 @@ class ExperimentConfig(TuningOptions, ScheduleOptions, WeightOptions, PrefixOpti
         default_factory=lambda: list(TABLE1_ROWS),
         metadata={"help": "rows, comma-separated: " + ",".join(TABLE1_ROWS + EXTRA_ROWS)},
     )
+    # MLM pre-trained prefix rows (the paper's init); batch size, max length, warmup and projection are the rows'
+    pretrain_corpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "raw text, one passage per line: first pre-train one MLM prefix per length "
+            "(needs an MLM head), then add a 'MLM pre-trained init' row per length"
+        },
+    )
+    pretrain_epochs: int = field(default=PretrainConfig.epochs, metadata={"help": "MLM passes over the corpus"})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "MLM optimizer steps (overrides epochs)"})
+    pretrain_lr: float = field(default=PretrainConfig.lr, metadata={"help": "MLM prefix LR"})
+    save_adapters: bool = field(
+        default=False, metadata={"help": "also write each servable row's adapter to <out>/adapters/<row>.safetensors"}
+    )
 
 
 def parts_of(config_cls: type) -> list[type[DataclassInstance]]:

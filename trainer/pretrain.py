@@ -109,8 +109,9 @@ def _batches(
         yield ids, special, [len(r[0]) for r in rows]
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train the prefix by MLM; returns {"prefix": (P, width) tensor, "bytes": file, "log": dict}."""
+def pretrain(cfg: PretrainConfig, backbone: Backbone | None = None) -> dict[str, Any]:
+    """Train the prefix by MLM; returns {"prefix": (P, width) tensor, "bytes": file, "log": dict}.
+    ``backbone``: the already loaded ``cfg.backbone`` (an experiment pre-trains several lengths on one)."""
     import torch
     from torch.nn import functional as F
     from tqdm.auto import tqdm
@@ -123,7 +124,8 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     started = time.time()
     torch.manual_seed(cfg.seed)
-    backbone = load_backbone(cfg.backbone, device=cfg.device)  # fingerprint + tokenizer of the served encoder
+    if backbone is None:  # fingerprint + tokenizer of the served encoder
+        backbone = load_backbone(cfg.backbone, device=cfg.device)
     device = backbone.device
     mlm, lm_head = load_mlm(cfg.backbone, device)  # only its LM head is used: the encoder is the served one
     encoder, tok = backbone.encoder, tokenizer_of(backbone)
