@@ -9,6 +9,7 @@ from prefixserve.adapters.errors import PrefixServeError
 from .core import API_KEY_ENV, DEFAULT_URL, URL_ENV, RetryPolicy
 from .http import AsyncClient, Client
 from .models import Classification, Limits, Prediction, PrefixMeta, PrefixVersions, ServerInfo, TenantKey
+from .training import Dataset, EpochProgress, TrainingJob
 
 __all__ = [
     "API_KEY_ENV",
@@ -17,6 +18,8 @@ __all__ = [
     "AsyncClient",
     "Classification",
     "Client",
+    "Dataset",
+    "EpochProgress",
     "Limits",
     "Prediction",
     "PrefixMeta",
@@ -25,4 +28,5 @@ __all__ = [
     "RetryPolicy",
     "ServerInfo",
     "TenantKey",
+    "TrainingJob",
 ]

@@ -8,6 +8,8 @@ with Client("http://127.0.0.1:8000", api_key=admin_key) as admin:
 with Client(api_key=key) as c:                        # URL: $PREFIXSERVE_URL, else http://127.0.0.1:8000
     c.upload("sentiment", "adapter.safetensors")       # or a PEFT folder, or bytes
     c.classify("sentiment", texts).labels              # any number of texts: chunked by the server's max_inputs
+    job = c.submit_training("sentiment", data="train.tsv", kind="prefix", epochs=5)  # training: .training
+    for record in c.watch_training(job.job_id): ...    # until it is finished
 ```
 
 Both classes only send and sleep: the operations (:mod:`.ops`) and the retry policy (:mod:`.core`) are one
@@ -32,6 +34,7 @@ import httpx
 from .core import USER_AGENT, Call, RetryPolicy, outcome, resolve_api_key, resolve_url
 from .models import Classification, Limits, PrefixMeta, PrefixVersions, ServerInfo, TenantKey
 from .ops import Op, Session
+from .training import AsyncTrainingMethods, TrainingMethods
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # an upload of a large adapter takes a while on a slow link
@@ -62,7 +65,7 @@ def _limits_body(default: bool, given: dict[str, Any]) -> dict[str, Any]:
     return {"default": True} if default else {k: v for k, v in given.items() if v is not None}
 
 
-class Client(_Config):
+class Client(_Config, TrainingMethods):
     """Synchronous client. ``api_key``: a tenant's key for adapter and classify calls, the admin key for
     tenant calls; default ``$PREFIXSERVE_API_KEY``. ``max_inputs``: chunk size when the server's ``GET /info``
     does not name one. ``transport``/``timeout`` go to ``httpx.Client``."""
@@ -186,7 +189,7 @@ class Client(_Config):
         return self._run(self.session.classify(prefix_id, texts, text_pairs, version))
 
 
-class AsyncClient(_Config):
+class AsyncClient(_Config, AsyncTrainingMethods):
     """The same API as :class:`Client`, awaitable (``httpx.AsyncClient``); see :class:`Client`'s methods."""
 
     def __init__(

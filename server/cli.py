@@ -164,8 +164,12 @@ def _shown(value: Any) -> str:
     import dataclasses
     import json
 
+    from pydantic import BaseModel
+
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return json.dumps(dataclasses.asdict(value))
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
     return str(value)
 
 
@@ -246,3 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip the checks before Ray starts (port free, store answers and takes writes, backbone loadable)",
     )
     p.set_defaults(func=_serve)
+
+    from .jobs_cli import register as register_jobs  # job, dataset: training through a server's API
+
+    register_jobs(sub)

@@ -196,6 +196,12 @@ class IngressMetrics:
             registry=self.registry,
         )
         self.rows = Counter("prefixserve_classify_rows_total", "classified inputs", ["tenant"], registry=self.registry)
+        self.training_jobs = Counter(  # by the replica that launched the job (server/training.py)
+            "prefixserve_training_jobs_total",
+            "training jobs that reached a final state, by state",
+            ["state"],
+            registry=self.registry,
+        )
         self._snapshots: dict[str, tuple[float, WorkerSnapshot]] = {}
         self._lock = threading.Lock()
         self.registry.register(_SnapshotCollector(self))

@@ -32,8 +32,13 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect
 DOCS_ASSETS = "/docs/assets"  # Swagger UI / ReDoc JS and CSS from the package (server/docs.py): public too
 
 
+TRAINING_UPLOADS = frozenset({"/v1/datasets", "/v1/training-jobs"})  # POST: a dataset, raw or inline
+
+
 def body_cap(method: str, path: str) -> int:
     s = state.settings
+    if method == "POST" and path in TRAINING_UPLOADS:
+        return s.training.max_upload_bytes
     return s.max_upload_bytes if method == "PUT" and path.startswith("/v1/prefixes/") else s.max_request_bytes
 
 

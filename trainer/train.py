@@ -18,6 +18,10 @@ Decisions (defaults after P-Tuning v2, tuned on Rotten Tomatoes with all-MiniLM-
   internal error. Full fine-tuning trains a deep copy, so the shared backbone is never touched.
 * Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process' peak RSS (``ru_maxrss``) -
   a process-wide high-water mark, so later rows of one experiment report at least the earlier rows' peak.
+* :class:`TrainHooks` (optional; the training service's runner, ``server/training_runner.py``): ``on_epoch``
+  gets each epoch's history record as soon as it is made; ``should_stop`` is asked before every optimizer
+  step and a reason it returns ends training with :class:`TrainingStopped` (nothing exported). It must be
+  cheap: the caller throttles its own store reads. Without hooks, training runs exactly as before.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +58,22 @@ class TrainResult:
     best: dict[str, Any]  # the kept epoch's history record
     packed: bytes | None  # None: head only or fine-tuned backbone, nothing servable
     log: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Callbacks into :func:`train`: progress after each epoch, and a stop check before each step."""
+
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # a copy of the epoch's history record
+    should_stop: Callable[[], str | None] | None = None  # a reason (e.g. "cancelled") stops training
+
+
+class TrainingStopped(Exception):
+    """``TrainHooks.should_stop`` returned ``reason``: training ended early and exported nothing."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def backbone_checksum(module: nn.Module) -> str:
@@ -149,8 +170,10 @@ def _better(m: dict[str, Any], best: dict[str, Any] | None) -> bool:
     return best is None or (m["accuracy"], m["macro_f1"]) > (best["accuracy"], best["macro_f1"])
 
 
-def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
-    """Train, keep the best epoch, export (prefix/prompt, frozen backbone) and write ``<out>.log.json``."""
+def train(cfg: TrainConfig, backbone: Backbone | None = None, hooks: TrainHooks | None = None) -> TrainResult:
+    """Train, keep the best epoch, export (prefix/prompt, frozen backbone) and write ``<out>.log.json``.
+
+    ``hooks``: see :class:`TrainHooks`; a stop raises :class:`TrainingStopped` out of this call."""
     import torch
     from torch.nn import functional as F
     from tqdm.auto import tqdm
@@ -228,6 +251,9 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
             leave=False,
         )
         for ids, types, y in bar:
+            reason = hooks.should_stop() if hooks is not None and hooks.should_stop is not None else None
+            if reason:
+                raise TrainingStopped(reason)
             logits = model(ids, types)  # (B, C)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -247,6 +273,8 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None) -> TrainResult:
         else:  # no eval set: the last epoch is the one kept
             m_best = {"accuracy": epoch, "macro_f1": 0.0}
         history.append(record)
+        if hooks is not None and hooks.on_epoch is not None:
+            hooks.on_epoch(dict(record))
         if cfg.progress:
             print(json.dumps(record), file=sys.stderr)
         if _better(m_best, best):
