@@ -12,8 +12,13 @@ STAMP    := $(VENV)/.installed
 LATEST   := .venv-latest
 LATEST_OVERRIDE ?=
 TYPECHECK := build/typecheck/prefixserve
+# The IaC scanner for deploy/ (checkov) in its own venv, from its own hash-pinned lock: its dependency tree
+# must not constrain requirements.lock. `make test` builds it (tests/e2e/test_deploy_checkov.py needs it).
+TOOLS       := .venv-tools
+TOOLS_LOCK  := deploy/checkov.lock
+TOOLS_STAMP := $(TOOLS)/.installed
 
-.PHONY: venv run test test-fast lint format lock test-latest bench bench-quick accuracy gpu-check clean
+.PHONY: venv tools run test test-fast lint format lock lock-tools test-latest bench bench-quick accuracy gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,10 +30,19 @@ $(STAMP): pyproject.toml $(LOCK)
 
 venv: $(STAMP)
 
+$(TOOLS_STAMP): $(TOOLS_LOCK)
+	test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q $(PIP_PIN)
+	$(TOOLS)/bin/pip install -q --require-hashes --no-deps -r $(TOOLS_LOCK)
+	$(TOOLS)/bin/pip check
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 run: $(STAMP)
 	BACKBONE=$(BACKBONE) $(BIN)/python -m prefixserve.server.quickstart
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -55,6 +69,11 @@ format: $(STAMP)
 lock: $(STAMP)
 	echo "$(TORCH)" | $(BIN)/uv pip compile pyproject.toml - --extra dev --extra bench --universal \
 	    --python-version 3.11 --custom-compile-command "make lock" --quiet $(LOCK_ARGS) -o $(LOCK)
+
+# Regenerate deploy/checkov.lock after changing deploy/checkov.in (hashes: `pip --require-hashes` installs it).
+lock-tools: $(STAMP)
+	$(BIN)/uv pip compile deploy/checkov.in --generate-hashes --universal --python-version 3.11 \
+	    --custom-compile-command "make lock-tools" --quiet $(LOCK_ARGS) -o $(TOOLS_LOCK)
 
 # Not part of CI: the suite against the newest versions pyproject.toml allows, so a break shows early.
 test-latest:
@@ -88,4 +107,4 @@ accuracy: $(STAMP)
 	$(BIN)/python -m bench.accuracy $(ACCURACY_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache build
+	rm -rf $(VENV) $(LATEST) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache build

@@ -4,14 +4,15 @@ Decisions:
 * Admin key source, in order: env ``PREFIXSERVE_ADMIN_KEY``; else the key file (``admin_key_file``
   setting, default ``~/.prefixserve/admin_key``), created with mode 0600 and ``O_EXCL`` when absent,
   so the launcher and every Ingress replica on that machine agree on one key without passing the
-  secret through Ray (its GCS and dashboard would show actor arguments). On Kubernetes, set the env
-  var from a Secret.
+  secret through Ray (its GCS and dashboard would show actor arguments). On Kubernetes, point
+  ``admin_key_file`` at a mounted Secret (deploy/): a file, not an env var, so it is in no process
+  environment that Ray copies into its workers or shows on its dashboard.
 * The admin key is kept only as a sha256 digest and compared with ``hmac.compare_digest``.
 * Tenant keys go to ``store.authenticate`` (salted, peppered HMAC; constant time there).
 * A missing or malformed header and a wrong key get the same 401: no hint which part was wrong. A valid
   key on a route of another role (a tenant key on an admin route) gets 403.
-* ``/metrics`` wants the admin key or the metrics token (env ``PREFIXSERVE_METRICS_TOKEN``): its series
-  are labelled by tenant name, which no tenant may read.
+* ``/metrics`` wants the admin key or the metrics token (env ``PREFIXSERVE_METRICS_TOKEN``, or a file that
+  ``PREFIXSERVE_METRICS_TOKEN_FILE`` names): its series are labelled by tenant name, which no tenant may read.
 * Every request is authenticated from its headers (:mod:`.middleware`) before any byte of its body is read.
 """
 
@@ -27,6 +28,7 @@ from typing import Literal
 
 from prefixserve.adapters.errors import AuthError
 from prefixserve.adapters.store import AdapterStore
+from prefixserve.adapters.store.redis_common import env_secret
 
 ADMIN_KEY_ENV = "PREFIXSERVE_ADMIN_KEY"
 METRICS_TOKEN_ENV = "PREFIXSERVE_METRICS_TOKEN"
@@ -56,6 +58,11 @@ def resolve_admin_key(key_file: str | os.PathLike | None = None) -> tuple[str, P
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key, path
+
+
+def resolve_metrics_token() -> str | None:
+    """The metrics token: env ``PREFIXSERVE_METRICS_TOKEN``, else the file ``PREFIXSERVE_METRICS_TOKEN_FILE`` names."""
+    return env_secret(METRICS_TOKEN_ENV)
 
 
 def bearer(authorization: str | None) -> str:

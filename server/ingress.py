@@ -20,7 +20,6 @@ Decisions:
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,8 +39,8 @@ from prefixserve.adapters.format import AdapterMeta
 from prefixserve.adapters.ratelimit import RateLimits, open_rate_limiter
 from prefixserve.adapters.ref import AdapterRef
 
-from . import compat, docs, http_errors, state
-from .auth import METRICS_TOKEN_ENV, Authenticator, Principal, resolve_admin_key
+from . import compat, docs, http_errors, state, training
+from .auth import Authenticator, Principal, resolve_admin_key, resolve_metrics_token
 from .inputs import check_texts
 from .middleware import Gate
 from .protocol import ClassifyCall, ClassifyReply, WorkerInfo
@@ -81,12 +80,13 @@ app = docs.offline_app(
 )
 http_errors.install(app)
 app.add_middleware(Gate)
+app.include_router(training.router)  # /v1/datasets, /v1/training-jobs: TrainingRoutes, inherited below
 
 
 # ---- the deployment (helpers it calls must be importable: Serve pickles it at decoration) ----------
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
-class Ingress:
+class Ingress(training.TrainingRoutes):
     def __init__(self, worker: Any, settings: AppSettings):
         from prefixserve.adapters.store import open_store
 
@@ -95,13 +95,14 @@ class Ingress:
         self.worker = worker  # DeploymentHandle to "Worker"
         self.store = open_store(settings.store, validator=self._validate_upload)
         admin_key, _ = resolve_admin_key(settings.admin_key_file)
-        self.auth = Authenticator(self.store, admin_key, os.environ.get(METRICS_TOKEN_ENV, "").strip() or None)
+        self.auth = Authenticator(self.store, admin_key, resolve_metrics_token())
         state.auth = self.auth  # the Gate middleware authenticates every request before its body is read
         self._info: WorkerInfo | None = None
         self._info_lock = asyncio.Lock()
         self._uploads: dict[str, int] = {}  # uploads in flight per tenant (this replica)
         self.limiter = open_rate_limiter(settings.store)  # Redis store: one budget shared by every replica
         self._limits: dict[str, tuple[float, RateLimits]] = {}  # tenant -> (read at, limits), LIMITS_TTL_S
+        self._init_training()
         state.metrics()
 
     # ---- helpers ----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from prefixserve.adapters.cache import DEFAULT_BUDGET_BYTES
 from prefixserve.adapters.ratelimit import RateLimits
 from prefixserve.adapters.store import VersionHistory, VersionInfo
 
+from .training_schemas import TrainingSettings
+
 MiB = 2**20
 ENV_PREFIX = "PREFIXSERVE_"
 # older setting names, still accepted in args (a rename, not validation_alias: pydantic-settings would read
@@ -82,6 +84,11 @@ class AppSettings(BatchingConfig, BaseSettings):
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX)
     backbone: str = Field("klue/roberta-base", description="hub id or local folder of the encoder")
+    backbone_fingerprint: str | None = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="the fingerprint the loaded backbone must have; a Worker that loads another refuses to start",
+    )
     store: str = Field(
         "file://./.prefixserve/store",
         validate_default=True,
@@ -114,6 +121,9 @@ class AppSettings(BatchingConfig, BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch threads per Worker replica")
     admin_key_file: str | None = Field(
         None, description="admin key file (created 0600 if absent); ignored when PREFIXSERVE_ADMIN_KEY is set"
+    )
+    training: TrainingSettings = Field(
+        TrainingSettings(), description="training jobs on the cluster: on/off, runner resources, per-tenant limits"
     )
 
     @classmethod

@@ -28,6 +28,10 @@ Decisions:
 * The model is loaded in ``__init__`` (inside the replica), never when the application is built.
 * No custom ``check_health`` on the store: a store outage must not make Serve restart (and reload)
   every Worker replica; the Ingress's ``/readyz`` reports the store instead.
+* ``backbone_fingerprint`` (when set) pins the backbone: a replica that loads any other (another hub
+  revision, another cache volume) raises ``FingerprintMismatchError`` in ``__init__``, so Serve never
+  marks it running and the application (and ``/readyz``, and KubeRay's RayService status) stays
+  un-ready instead of answering with adapters bound to another encoder.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Any
 from ray import serve
 
 from prefixserve.adapters.engine import DeviceAdapter, Row
-from prefixserve.adapters.errors import NotFoundError, as_error
+from prefixserve.adapters.errors import FingerprintMismatchError, NotFoundError, as_error
 from prefixserve.adapters.ref import AdapterRef
 from prefixserve.adapters.store import AdapterReader, ChangeEvent
 
@@ -59,6 +63,15 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # outside Serve (unit use)
         return "local"
+
+
+def check_fingerprint(loaded: str, settings: AppSettings) -> None:
+    """Refuse a backbone other than the pinned one (``settings.backbone_fingerprint``; None: no pin)."""
+    if settings.backbone_fingerprint and loaded != settings.backbone_fingerprint:
+        raise FingerprintMismatchError(
+            f"backbone {settings.backbone!r} loaded as {loaded}, but backbone_fingerprint pins "
+            f"{settings.backbone_fingerprint}: this replica refuses to serve adapters bound to another encoder"
+        )
 
 
 @serve.deployment(
@@ -78,6 +91,7 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
         self.backbone = load_backbone(settings.backbone, device=settings.device, dtype=settings.dtype)
+        check_fingerprint(self.backbone.fingerprint, settings)
         self.engine = Engine(self.backbone, cache_bytes=settings.cache_bytes)
         self.replica = _replica_id()
         self.stats = WorkerStats(self.replica)

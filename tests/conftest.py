@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.backbones",
     "tests.fixtures.redis_server",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.deploy",
 ]

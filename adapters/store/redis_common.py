@@ -23,7 +23,7 @@ from .base import DEFAULT_KEEP_VERSIONS, DEFAULT_RETAIN_GRACE_S, StoreBase, unav
 from .keys import resolve_pepper
 from .redis_scripts import SCRIPTS
 
-PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"
+PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"  # or PREFIXSERVE_REDIS_PASSWORD_FILE: a file holding it
 DEFAULT_ORPHAN_AGE_S = 60.0  # a blob written but unpublished this long belongs to a crashed put
 
 _S = TypeVar("_S", bound=StoreBase)
@@ -82,13 +82,30 @@ def text(reply: bytes | str) -> str:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
+def env_secret(name: str) -> str | None:
+    """A secret from env ``name``, else from the file env ``<name>_FILE`` names (a mounted Kubernetes Secret:
+    the value stays out of the process environment); None when neither is set. Surrounding whitespace is
+    dropped (``echo`` and editors add a newline). A named file that cannot be read is an error, not None."""
+    value = os.environ.get(name, "").strip()
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
 def parse_redis_url(url: str, prefix: str | None = None, password: str | None = None) -> tuple[str, str, str | None]:
-    """(url for redis-py without our ``prefix`` query, key prefix, password) from a store URL."""
+    """(url for redis-py without our ``prefix`` query, key prefix, password) from a store URL.
+
+    Password, first found: the argument, the URL, env ``PREFIXSERVE_REDIS_PASSWORD``, the file env
+    ``PREFIXSERVE_REDIS_PASSWORD_FILE`` names."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     key_prefix = prefix if prefix is not None else query.pop("prefix", "ps:")
     query.pop("prefix", None)
-    password = password or (unquote(parts.password) if parts.password else None) or os.environ.get(PASSWORD_ENV)
+    password = password or (unquote(parts.password) if parts.password else None) or env_secret(PASSWORD_ENV)
     return urlunsplit(parts._replace(query=urlencode(query))), key_prefix, password
 
 
