@@ -28,7 +28,7 @@ from typing import Literal
 
 from prefixserve.adapters.errors import AuthError
 from prefixserve.adapters.store import AdapterStore
-from prefixserve.adapters.store.redis_common import env_secret
+from prefixserve.adapters.store.keys import env_secret
 
 ADMIN_KEY_ENV = "PREFIXSERVE_ADMIN_KEY"
 METRICS_TOKEN_ENV = "PREFIXSERVE_METRICS_TOKEN"

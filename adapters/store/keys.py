@@ -3,7 +3,8 @@
 Decision: HMAC-SHA256(pepper, salt || secret), not scrypt. The secret is 256 random bits
 (``secrets.token_urlsafe(32)``), so a slow hash buys nothing against brute force, while
 ``authenticate`` runs on every request and must stay in the microseconds. The per-key salt makes
-equal secrets hash differently; the pepper (env ``PREFIXSERVE_KEY_PEPPER`` or the ``pepper=`` store
+equal secrets hash differently; the pepper (env ``PREFIXSERVE_KEY_PEPPER``, a file named by
+``PREFIXSERVE_KEY_PEPPER_FILE``, or the ``pepper=`` store
 option) lives outside the store, so a leaked store dump alone cannot even confirm a guessed key.
 Changing the pepper invalidates every key (rotate them all). Without a pepper the store still
 works (salted HMAC with an empty key) and logs a warning once.
@@ -29,11 +30,26 @@ _log = logging.getLogger(__name__)
 _warned = False
 
 
+def env_secret(name: str) -> str | None:
+    """A secret from env ``name``, else from the file env ``<name>_FILE`` names (a mounted Kubernetes Secret:
+    the value stays out of the process environment); None when neither is set. Surrounding whitespace is
+    dropped (``echo`` and editors add a newline). A named file that cannot be read is an error, not None."""
+    value = os.environ.get(name, "").strip()
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip() or None
+
+
 def resolve_pepper(pepper: str | bytes | None = None) -> bytes:
-    """The server pepper: explicit option, else env ``PREFIXSERVE_KEY_PEPPER``, else empty (warned)."""
+    """The server pepper: explicit option, else env ``PREFIXSERVE_KEY_PEPPER`` or the file
+    ``PREFIXSERVE_KEY_PEPPER_FILE`` names (:func:`env_secret`), else empty (warned)."""
     global _warned
     if pepper is None:
-        pepper = os.environ.get(PEPPER_ENV, "")
+        pepper = env_secret(PEPPER_ENV) or ""
     if isinstance(pepper, str):
         pepper = pepper.encode()
     if not pepper and not _warned:

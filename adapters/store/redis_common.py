@@ -12,7 +12,6 @@ write, and the put path cleans up what it wrote before the refusal (see :mod:`.r
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -20,7 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ..errors import PrefixServeError
 from .base import DEFAULT_KEEP_VERSIONS, DEFAULT_RETAIN_GRACE_S, StoreBase, unavailable
-from .keys import resolve_pepper
+from .keys import env_secret, resolve_pepper
 from .redis_scripts import SCRIPTS
 
 PASSWORD_ENV = "PREFIXSERVE_REDIS_PASSWORD"  # or PREFIXSERVE_REDIS_PASSWORD_FILE: a file holding it
@@ -80,20 +79,6 @@ def guard(method: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S,
 def text(reply: bytes | str) -> str:
     """redis-py types replies as ``bytes | str``; this client keeps ``decode_responses`` off (blobs are binary)."""
     return reply.decode() if isinstance(reply, bytes) else reply
-
-
-def env_secret(name: str) -> str | None:
-    """A secret from env ``name``, else from the file env ``<name>_FILE`` names (a mounted Kubernetes Secret:
-    the value stays out of the process environment); None when neither is set. Surrounding whitespace is
-    dropped (``echo`` and editors add a newline). A named file that cannot be read is an error, not None."""
-    value = os.environ.get(name, "").strip()
-    if value:
-        return value
-    path = os.environ.get(f"{name}_FILE", "").strip()
-    if not path:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip() or None
 
 
 def parse_redis_url(url: str, prefix: str | None = None, password: str | None = None) -> tuple[str, str, str | None]:

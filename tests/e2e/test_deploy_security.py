@@ -223,7 +223,7 @@ def test_secrets_are_mounted_files(built, overlay):
     assert secret_problems(built[overlay]) == []
     ray = [p for p in pods(built[overlay]) if p.labels.get("app.kubernetes.io/component") == "ray"]
     env = {e["name"] for p in ray for c in p.containers for e in c.get("env", [])}
-    assert {"PREFIXSERVE_REDIS_PASSWORD_FILE", "PREFIXSERVE_METRICS_TOKEN_FILE"} <= env
+    assert {"PREFIXSERVE_REDIS_PASSWORD_FILE", "PREFIXSERVE_METRICS_TOKEN_FILE", "PREFIXSERVE_KEY_PEPPER_FILE"} <= env
     # each Redis mounts only its own password; the GCS one never reaches a Ray container's files
     for name, key in (("prefixserve-redis", "redis-password"), ("prefixserve-gcs-redis", "gcs-redis-password")):
         volumes = one(built[overlay], "StatefulSet", name)["spec"]["template"]["spec"]["volumes"]

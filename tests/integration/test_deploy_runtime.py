@@ -52,13 +52,18 @@ def test_worker_refuses_a_backbone_other_than_the_pinned_one(tiny_backbones, tmp
 
 # ------------------------------------------------------------------------------------------ secret files
 def test_secrets_from_files(tmp_path, monkeypatch):
+    from prefixserve.adapters.store.keys import resolve_pepper
     from prefixserve.adapters.store.redis_common import parse_redis_url
     from prefixserve.server.auth import resolve_metrics_token
 
-    for name in ("PREFIXSERVE_REDIS_PASSWORD", "PREFIXSERVE_METRICS_TOKEN"):
+    for name in ("PREFIXSERVE_REDIS_PASSWORD", "PREFIXSERVE_METRICS_TOKEN", "PREFIXSERVE_KEY_PEPPER"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"{name}_FILE", raising=False)
     assert parse_redis_url("redis://h:6379/0")[2] is None and resolve_metrics_token() is None
+    assert resolve_pepper() == b""
+    (tmp_path / "pepper").write_text("pepper-from-file\n")
+    monkeypatch.setenv("PREFIXSERVE_KEY_PEPPER_FILE", str(tmp_path / "pepper"))
+    assert resolve_pepper() == b"pepper-from-file"
     (tmp_path / "pw").write_text("from-file\n")
     (tmp_path / "token").write_text("  tok \n")
     monkeypatch.setenv("PREFIXSERVE_REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
