@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefixserve.adapters.store import TrainingLimits
+from prefixserve.adapters.store import EpochRecord, JobError, TrainingLimits
 from prefixserve.trainer.config import DataFormat, TrainConfig
 
 if TYPE_CHECKING:
@@ -176,20 +176,6 @@ class JobCreate(TrainingOptions):
 
 
 # ---- replies ----------------------------------------------------------------------------------------
-class EpochOut(BaseModel):
-    epoch: int
-    train_loss: float
-    epoch_time_s: float
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    eval_macro_f1: float | None = None
-
-
-class JobErrorOut(BaseModel):
-    code: str
-    message: str
-
-
 class EvalScores(BaseModel):
     """Accuracy and macro-F1 on the job's eval rows, from the serving engine (as the adapter would serve)."""
 
@@ -235,9 +221,9 @@ class JobOut(BaseModel):
     finished: float | None = None
     epoch: int = Field(0, description="epochs done")
     epochs: int = Field(0, description="epochs planned (early stopping may end sooner)")
-    history: list[EpochOut] = []
+    history: list[EpochRecord] = []  # the store's records serve as the schema: one definition
     cancel_requested: bool = False
-    error: JobErrorOut | None = None
+    error: JobError | None = None
     result: JobResult | None = None
 
     @classmethod
@@ -254,9 +240,9 @@ class JobOut(BaseModel):
             finished=record.finished,
             epoch=record.epoch,
             epochs=record.epochs,
-            history=[EpochOut.model_validate(dataclasses.asdict(e)) for e in record.history],
+            history=list(record.history),
             cancel_requested=record.cancel_requested,
-            error=JobErrorOut(code=record.error.code, message=record.error.message) if record.error else None,
+            error=record.error,
             result=JobResult.model_validate(record.result) if record.result else None,
         )
 
