@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import socket
@@ -227,6 +228,18 @@ def start_ray(num_cpus: int | None = None, *, address: str | None = None, log_to
         )
 
 
+def local_cpus(settings: AppSettings, num_cpus: int | None = None) -> int | None:
+    """Logical CPUs for a local Ray cluster: ``num_cpus`` when given; else the machine's, raised until the
+    serving replicas AND one training runner fit. Decision: on a 2-core machine Worker (1) + Ingress (0.5) +
+    a runner (1) exceed 2, and every training job would stay queued forever; over-subscribing logical CPUs
+    lets the OS share the cores instead (a running job slows serving down, it does not block it)."""
+    if num_cpus is not None or not settings.training.enabled:
+        return num_cpus
+    replicas = settings.autoscaling.min_replicas if settings.autoscaling is not None else settings.replicas
+    serving = replicas * settings.worker_num_cpus + settings.ingress_replicas * settings.ingress_num_cpus
+    return max(os.cpu_count() or 1, math.ceil(serving + settings.training.num_cpus))
+
+
 def run_local(
     settings: AppSettings,
     *,
@@ -245,7 +258,7 @@ def run_local(
 
     if address is None:
         ensure_port_free(host, port)
-    start_ray(num_cpus, address=address)
+    start_ray(local_cpus(settings, num_cpus) if address is None else None, address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{host}:{port}"

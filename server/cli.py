@@ -243,7 +243,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, help=_help("torch_threads"))
     p.add_argument("--admin-key-file", help=_help("admin_key_file"))
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster instead of a local one")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray (default: all cores, raised so a training runner fits beside the replicas)",
+    )
     p.add_argument(
         "--no-preflight",
         action="store_true",

@@ -198,7 +198,7 @@ def main() -> int:
             print(notice, file=sys.stderr, flush=True)
         print(json.dumps({"url": url, "backbone": name if not notice else path, "fallback": bool(notice)}), flush=True)
 
-    return serve_until_interrupted(settings, host=host, port=port, num_cpus=cpus, banner=after_start)
+    return serve_until_interrupted(settings, host=host, port=port, num_cpus=None, banner=after_start)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,17 @@ def test_metrics_render_with_worker_snapshot():
     assert 'prefixserve_batch_adapters_sum{replica="r1"} 3.0' in text
     assert 'prefixserve_rows_by_kind_total{kind="lora",replica="r1"} 2.0' in text
     assert 'prefixserve_rows_by_kind_total{kind="bottleneck",replica="r1"} 1.0' in text
+
+
+def test_local_cluster_has_room_for_a_training_runner(monkeypatch):
+    """A 2-core machine: Worker 1 + Ingress 0.5 + runner 1 need 3 logical CPUs, else every job stays queued."""
+    from prefixserve.server.app import local_cpus
+    from prefixserve.server.schemas import AppSettings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    s = AppSettings.without_env(worker_num_cpus=1, ingress_num_cpus=0.5)
+    assert local_cpus(s) == 3
+    assert local_cpus(s, num_cpus=2) == 2  # given: kept
+    assert local_cpus(AppSettings.without_env(training={"enabled": False})) is None  # Ray's own default
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert local_cpus(s) == 16  # enough cores: nothing raised
