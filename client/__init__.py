@@ -8,7 +8,16 @@ from prefixserve.adapters.errors import PrefixServeError
 
 from .core import API_KEY_ENV, DEFAULT_URL, URL_ENV, RetryPolicy
 from .http import AsyncClient, Client
-from .models import Classification, Limits, Prediction, PrefixMeta, PrefixVersions, ServerInfo, TenantKey
+from .models import (
+    Classification,
+    Limits,
+    Prediction,
+    PrefixMeta,
+    PrefixVersions,
+    ServerInfo,
+    TenantKey,
+    TrainingLimits,
+)
 from .training import Dataset, EpochProgress, TrainingJob
 
 __all__ = [
@@ -29,4 +38,5 @@ __all__ = [
     "ServerInfo",
     "TenantKey",
     "TrainingJob",
+    "TrainingLimits",
 ]

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import httpx
 
 from .core import USER_AGENT, Call, RetryPolicy, outcome, resolve_api_key, resolve_url
-from .models import Classification, Limits, PrefixMeta, PrefixVersions, ServerInfo, TenantKey
+from .models import Classification, Limits, PrefixMeta, PrefixVersions, ServerInfo, TenantKey, TrainingLimits
 from .ops import Op, Session
 from .training import AsyncTrainingMethods, TrainingMethods
 
@@ -145,6 +145,29 @@ class Client(_Config, TrainingMethods):
             requests_per_s=requests_per_s, rows_per_s=rows_per_s, burst_s=burst_s, max_concurrent=max_concurrent
         )
         return self._run(Session.set_limits(tenant, _limits_body(default, given)))
+
+    def get_training_limits(self, tenant: str) -> TrainingLimits:
+        return self._run(Session.get_training_limits(tenant))
+
+    def set_training_limits(
+        self,
+        tenant: str,
+        *,
+        max_active_jobs: int | None = None,
+        max_dataset_bytes: int | None = None,
+        max_job_s: float | None = None,
+        max_datasets: int | None = None,
+        default: bool = False,
+    ) -> TrainingLimits:
+        """The tenant's own training limits (0 = unlimited; unnamed ones take the server's field defaults), or
+        ``default=True``: back to the server's ``training.limits``."""
+        given = dict(
+            max_active_jobs=max_active_jobs,
+            max_dataset_bytes=max_dataset_bytes,
+            max_job_s=max_job_s,
+            max_datasets=max_datasets,
+        )
+        return self._run(Session.set_training_limits(tenant, _limits_body(default, given)))
 
     # ---- adapters (a tenant key) ------------------------------------------------------------------
     def upload(self, prefix_id: str, source: str | Path | bytes, *, labels: Sequence[str] | None = None) -> PrefixMeta:
@@ -264,6 +287,27 @@ class AsyncClient(_Config, AsyncTrainingMethods):
             requests_per_s=requests_per_s, rows_per_s=rows_per_s, burst_s=burst_s, max_concurrent=max_concurrent
         )
         return await self._run(Session.set_limits(tenant, _limits_body(default, given)))
+
+    async def get_training_limits(self, tenant: str) -> TrainingLimits:
+        return await self._run(Session.get_training_limits(tenant))
+
+    async def set_training_limits(
+        self,
+        tenant: str,
+        *,
+        max_active_jobs: int | None = None,
+        max_dataset_bytes: int | None = None,
+        max_job_s: float | None = None,
+        max_datasets: int | None = None,
+        default: bool = False,
+    ) -> TrainingLimits:
+        given = dict(
+            max_active_jobs=max_active_jobs,
+            max_dataset_bytes=max_dataset_bytes,
+            max_job_s=max_job_s,
+            max_datasets=max_datasets,
+        )
+        return await self._run(Session.set_training_limits(tenant, _limits_body(default, given)))
 
     async def upload(
         self, prefix_id: str, source: str | Path | bytes, *, labels: Sequence[str] | None = None

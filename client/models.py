@@ -68,6 +68,21 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TrainingLimits:
+    """A tenant's training limits (0 = unlimited); ``default``: the server's ``training.limits`` apply."""
+
+    default: bool
+    max_active_jobs: int
+    max_dataset_bytes: int
+    max_job_s: float
+    max_datasets: int
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrainingLimits:
+        return _build(cls, _known(cls, data))
+
+
+@dataclass(frozen=True)
 class PrefixMeta:
     """One stored adapter version (any kind), as ``GET /v1/prefixes/{id}`` shows it."""
 

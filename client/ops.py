@@ -29,7 +29,7 @@ import httpx
 from prefixserve.adapters.errors import BadRequestError, ConflictError, PrefixServeError
 
 from .core import Call, json_body
-from .models import Classification, Limits, PrefixMeta, PrefixVersions, ServerInfo, TenantKey
+from .models import Classification, Limits, PrefixMeta, PrefixVersions, ServerInfo, TenantKey, TrainingLimits
 
 T = TypeVar("T")
 Op = Generator[Call, httpx.Response, T]
@@ -85,6 +85,17 @@ class Session:
     def set_limits(tenant: str, limits: dict[str, Any]) -> Op[Limits]:
         r = yield Call("PUT", f"/v1/tenants/{_seg(tenant)}/limits", json=limits)
         return Limits.from_json(json_body(r))
+
+    @staticmethod
+    def get_training_limits(tenant: str) -> Op[TrainingLimits]:
+        r = yield Call("GET", f"/v1/tenants/{_seg(tenant)}/training-limits")
+        return TrainingLimits.from_json(json_body(r))
+
+    @staticmethod
+    def set_training_limits(tenant: str, limits: dict[str, Any]) -> Op[TrainingLimits]:
+        # a PUT of a whole set: sending it twice leaves the same state, so it may be retried
+        r = yield Call("PUT", f"/v1/tenants/{_seg(tenant)}/training-limits", json=limits)
+        return TrainingLimits.from_json(json_body(r))
 
     # ---- adapters (tenant) -----------------------------------------------------------------------
     @staticmethod

@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from prefixserve.adapters.cache import DEFAULT_BUDGET_BYTES
 from prefixserve.adapters.ratelimit import RateLimits
-from prefixserve.adapters.store import VersionHistory, VersionInfo
+from prefixserve.adapters.store import TrainingLimits, VersionHistory, VersionInfo
 
 from .training_schemas import TrainingSettings
 
@@ -262,6 +262,47 @@ class LimitsOut(BaseModel):
 
     @classmethod
     def of(cls, own: RateLimits | None, default: RateLimits) -> LimitsOut:
+        return cls(default=own is None, **(own or default).to_dict())
+
+
+_TRAINING = TrainingLimits()  # the field defaults of TrainingLimitsIn
+
+
+class TrainingLimitsIn(BaseModel):
+    """A tenant's training limits (0 = unlimited), or ``{"default": true}`` for the server's
+    ``training.limits``. Fields left out take :class:`TrainingLimits`' defaults (not the tenant's current
+    values: a PUT replaces the whole set, as for rate limits)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"max_active_jobs": 2, "max_dataset_bytes": 128 * MiB, "max_job_s": 7200.0, "max_datasets": 50},
+                {"default": True},
+            ]
+        },
+    )
+    default: bool = False
+    max_active_jobs: int = Field(_TRAINING.max_active_jobs, ge=0, description="queued + running jobs")
+    max_dataset_bytes: int = Field(_TRAINING.max_dataset_bytes, ge=0, description="total bytes of stored datasets")
+    max_job_s: float = Field(_TRAINING.max_job_s, ge=0, allow_inf_nan=False, description="wall time of one job")
+    max_datasets: int = Field(_TRAINING.max_datasets, ge=0, description="stored datasets")
+
+    def to_limits(self) -> TrainingLimits | None:
+        if self.default:
+            return None
+        return TrainingLimits(self.max_active_jobs, self.max_dataset_bytes, self.max_job_s, self.max_datasets)
+
+
+class TrainingLimitsOut(BaseModel):
+    default: bool
+    max_active_jobs: int
+    max_dataset_bytes: int
+    max_job_s: float
+    max_datasets: int
+
+    @classmethod
+    def of(cls, own: TrainingLimits | None, default: TrainingLimits) -> TrainingLimitsOut:
         return cls(default=own is None, **(own or default).to_dict())
 
 

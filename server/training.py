@@ -14,6 +14,9 @@ Routes (a tenant key; an admin key gets 403 as on every tenant route; another te
   events, one ``event: job`` with the record's JSON at the start and on every change, a ``: keep-alive``
   comment every :data:`KEEPALIVE_S` seconds, closed after a terminal state; ``DELETE /v1/training-jobs/{id}``
   cancels (202 with the record: a queued job is ``cancelled`` at once, a running one within a second or so).
+* ``GET/PUT /v1/tenants/{tenant}/training-limits`` (the admin key; 404 for an unknown tenant): a tenant's own
+  :class:`~prefixserve.adapters.store.TrainingLimits` (:class:`~.schemas.TrainingLimitsIn`; ``{"default": true}``
+  clears them), stored in its tenant record. They answer whether training is on or off (configure first).
 
 Decisions:
 * ``ingress.py`` keeps no training code: the Ingress app includes :data:`router`, and the ``Ingress`` class
@@ -27,6 +30,9 @@ Decisions:
   last write (a record without a runner name: after its creation). The launching replica also notices
   its runner's exit at once, and counts every job's final state in ``prefixserve_training_jobs_total``.
 * Jobs and datasets live in the store, runners on the cluster: a restarted or redeployed app sees them all.
+* Limits: a tenant's own training limits, else the server's ``training.limits``, for the dataset limits, the
+  active-job limit and the runner's ``max_job_s`` (taken when the job is launched). A replica re-reads them every
+  :data:`LIMITS_TTL_S` (a PUT on this replica applies at once, on the others within that time).
 """
 # (no `from __future__ import annotations`: Serve re-binds the route methods and FastAPI must see real
 # annotation objects, as in ingress.py)
@@ -43,9 +49,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prefixserve.adapters.errors import PrefixServeError, as_error
-from prefixserve.adapters.store import JobError, JobRecord, TrainingStore
+from prefixserve.adapters.store import JobError, JobRecord, TrainingLimits, TrainingStore
 
 from . import state
+from .schemas import AppSettings, TrainingLimitsIn, TrainingLimitsOut
 from .training_data import check_job_data, check_upload
 from .training_runner import RunnerSpec, launch, runner_alive, runner_name, thread_count
 from .training_schemas import (
@@ -61,13 +68,13 @@ from .training_schemas import (
 
 if TYPE_CHECKING:
     from .protocol import WorkerInfo
-    from .schemas import AppSettings
 
 log = logging.getLogger("prefixserve.training")
 router = APIRouter(tags=["training"])
 RUNNER_GRACE_S = 10.0  # a record untouched this long whose runner actor is gone is failed as runner_lost
 EVENTS_POLL_S = 0.5  # how often the event stream reads the record
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+LIMITS_TTL_S = 2.0  # how long a replica uses a tenant's training limits before re-reading them
 RUNNER_LOST = JobError("runner_lost", "the job's runner stopped unexpectedly (its process or node died); submit again")
 DATASET_BODY = {
     "requestBody": {
@@ -119,11 +126,13 @@ class TrainingRoutes:
     if TYPE_CHECKING:  # the Ingress's own
 
         async def _tenant(self, request: Request) -> str: ...
+        def _admin(self, request: Request) -> None: ...
         async def worker_info(self) -> WorkerInfo: ...
         def _upload_slot(self, tenant: str) -> contextlib.AbstractContextManager[None]: ...
 
     def _init_training(self) -> None:
         self._runs: set[asyncio.Future[None]] = set()  # runs this replica launched (to count their final state)
+        self._training_limits: dict[str, tuple[float, TrainingLimits]] = {}  # tenant -> (read at, limits)
 
     # ---- helpers ----------------------------------------------------------------------------------
     @property
@@ -135,6 +144,16 @@ class TrainingRoutes:
         if not self.settings.training.enabled:
             raise disabled()
         return tenant
+
+    async def training_limits(self, tenant: str) -> TrainingLimits:
+        """The tenant's own training limits or the server's ``training.limits``; re-read every LIMITS_TTL_S."""
+        now = time.monotonic()
+        cached = self._training_limits.get(tenant)
+        if cached is None or now - cached[0] > LIMITS_TTL_S:
+            info = await asyncio.to_thread(self.store.tenant_info, tenant)
+            cached = (now, info.training_limits or self.settings.training.limits)
+            self._training_limits[tenant] = cached
+        return cached[1]
 
     async def checked(self, record: JobRecord) -> JobRecord:
         """``record``, or the same job failed as ``runner_lost`` when it is active and its runner is gone."""
@@ -166,7 +185,7 @@ class TrainingRoutes:
                 fingerprint=fingerprint,
                 device="cuda" if gpus > 0 else "cpu",
                 torch_threads=thread_count(t.num_cpus, t.torch_threads),
-                max_job_s=t.limits.max_job_s,
+                max_job_s=(await self.training_limits(record.tenant)).max_job_s,
             )
             ref = await asyncio.to_thread(launch, spec, num_cpus=t.num_cpus, num_gpus=gpus)
         except Exception as exc:
@@ -247,7 +266,7 @@ async def upload_dataset(
         data = await request.body()  # capped by the Gate at training.max_upload_bytes
     shown = f"dataset {name!r}" if name else "the dataset"
     found = await asyncio.to_thread(check_upload, data, fmt, shown, text_column=text_column, label_column=label_column)
-    limits = svc.settings.training.limits
+    limits = await svc.training_limits(tenant)
     info = await asyncio.to_thread(svc.jobs.put_dataset, tenant, data, fmt=fmt, name=name, limits=limits)
     return DatasetUploaded(**DatasetOut.of(info).model_dump(), rows=found.rows, bad_rows=found.bad, labels=found.labels)
 
@@ -281,7 +300,7 @@ async def submit_training(svc: Replica, body: JobCreate, request: Request) -> JS
     check_id(body.prefix_id)
     options = body.options()
     info = await svc.worker_info()
-    jobs, limits = svc.jobs, svc.settings.training.limits
+    jobs, limits = svc.jobs, await svc.training_limits(tenant)
     fmt: str
     if body.dataset is not None:
         inline = body.dataset
@@ -349,3 +368,22 @@ async def cancel_training(svc: Replica, job_id: str, request: Request) -> JSONRe
     if record.state == "cancelled" and record.started is None and record.runner:  # was queued: free its slot
         await asyncio.to_thread(stop_runner, record.runner)
     return JSONResponse(JobOut.of(record).model_dump(mode="json"), status_code=202)
+
+
+# ---- a tenant's training limits (admin) -------------------------------------------------------
+@router.get("/v1/tenants/{tenant}/training-limits", response_model=TrainingLimitsOut, tags=["tenants"])
+async def get_training_limits(svc: Replica, tenant: str, request: Request) -> TrainingLimitsOut:
+    """The tenant's training limits and whether they are the server's default (``training.limits``)."""
+    svc._admin(request)
+    info = await asyncio.to_thread(svc.store.tenant_info, tenant)
+    return TrainingLimitsOut.of(info.training_limits, svc.settings.training.limits)
+
+
+@router.put("/v1/tenants/{tenant}/training-limits", response_model=TrainingLimitsOut, tags=["tenants"])
+async def set_training_limits(svc: Replica, tenant: str, body: TrainingLimitsIn, request: Request) -> TrainingLimitsOut:
+    """Set the tenant's own training limits (``{"default": true}`` goes back to the server's default)."""
+    svc._admin(request)
+    limits = body.to_limits()
+    await asyncio.to_thread(svc.store.set_training_limits, tenant, limits)
+    svc._training_limits.pop(tenant, None)  # this replica at once; the others within LIMITS_TTL_S
+    return TrainingLimitsOut.of(limits, svc.settings.training.limits)

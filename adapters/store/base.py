@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import BadRequestError, InvalidAdapterError, QuotaExceededError, StoreUnavailableError
+from .jobs import TrainingLimits
 
 if TYPE_CHECKING:  # ratelimit imports this package: a runtime import here would be circular
     from ..ratelimit import RateLimits
@@ -148,7 +149,8 @@ class VersionHistory:
 
 @dataclass(frozen=True)
 class TenantInfo:
-    """A tenant's record. ``limits`` None: the server's default rate limits apply."""
+    """A tenant's record. ``limits`` / ``training_limits`` None: the server's default rate / training limits
+    apply (``AppSettings.default_limits`` / ``AppSettings.training.limits``)."""
 
     name: str
     quota: Quota
@@ -157,9 +159,10 @@ class TenantInfo:
     key_ids: tuple[str, ...] = ()
     created: float = 0.0
     limits: RateLimits | None = None
+    training_limits: TrainingLimits | None = None
 
     def to_dict(self) -> dict:
-        d = asdict(self)  # limits -> its field dict (or None)
+        d = asdict(self)  # limits, training_limits -> their field dicts (or None)
         d["key_ids"] = list(self.key_ids)
         return d
 
@@ -178,6 +181,20 @@ def limits_from_dict(data: dict | None) -> RateLimits | None:
     from ..ratelimit import RateLimits
 
     return RateLimits.from_dict(data) if data else None
+
+
+def check_training_limits(limits: object) -> TrainingLimits | None:
+    """``limits`` if it is a ``TrainingLimits`` or None (= the server's default), else ``BadRequestError``."""
+    if limits is not None and not isinstance(limits, TrainingLimits):
+        raise BadRequestError(
+            f"training limits must be TrainingLimits or None, got {type(limits).__name__}", code="bad_limits"
+        )
+    return limits
+
+
+def training_limits_from_dict(data: dict | None) -> TrainingLimits | None:
+    """A stored training limits record back as ``TrainingLimits`` (None / empty: the server's default)."""
+    return TrainingLimits.from_dict(data) if data else None
 
 
 @dataclass(frozen=True)
@@ -263,6 +280,7 @@ class AdapterStore(AdapterReader, Protocol):
     def list_tenants(self) -> builtins.list[TenantInfo]: ...
     def set_quota(self, name: str, quota: Quota) -> None: ...
     def set_limits(self, name: str, limits: RateLimits | None) -> None: ...
+    def set_training_limits(self, name: str, limits: TrainingLimits | None) -> None: ...
     def rotate_key(self, name: str, *, revoke_old: bool = True) -> str: ...
     def revoke_key(self, name: str, key_id: str | None = None) -> int: ...
     def delete_tenant(self, name: str) -> None: ...

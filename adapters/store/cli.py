@@ -1,4 +1,5 @@
-"""Operator sub-commands ``prefixserve store ...`` (adapters) and ``prefixserve tenant ...`` (tenants, keys).
+"""Operator sub-commands ``prefixserve store ...`` (adapters) and ``prefixserve tenant ...`` (tenants, keys;
+the ``limits`` and ``training-limits`` commands live in :mod:`.limits_cli`).
 
 Both take ``--store URL`` (or env ``PREFIXSERVE_STORE``): ``file:///var/lib/prefixserve``,
 ``redis://host:6379/0?prefix=ps:``. Output is a table for people, ``--json`` for scripts.
@@ -183,40 +184,6 @@ def _tenant_quota(args) -> int:
     return 0
 
 
-_LIMIT_FIELDS = ("requests_per_s", "rows_per_s", "burst_s", "max_concurrent")
-
-
-def _limits_row(t) -> dict:
-    row: dict = {"tenant": t.name}
-    for name in _LIMIT_FIELDS:  # 0 = unlimited, as in the quota columns
-        row[name] = "default" if t.limits is None else (getattr(t.limits, name) or "-")
-    return row
-
-
-def _tenant_limits(args) -> int:
-    """Show (no options), change (some fields; the others keep their values) or clear (--default) limits."""
-    from dataclasses import replace
-
-    from ..errors import BadRequestError
-    from ..ratelimit import RateLimits
-
-    given = {name: getattr(args, name) for name in _LIMIT_FIELDS if getattr(args, name) is not None}
-    if args.default and given:
-        raise BadRequestError("--default clears the tenant's limits; give it alone", code="bad_limits")
-    store = _open(args)
-    if args.default:
-        store.set_limits(args.name, None)
-    elif given:
-        try:
-            limits = replace(store.tenant_info(args.name).limits or RateLimits(), **given)
-        except ValueError as exc:
-            raise BadRequestError(str(exc), code="bad_limits") from None
-        store.set_limits(args.name, limits)
-    t = store.tenant_info(args.name)
-    _print(args, t.to_dict(), [_limits_row(t)], ["tenant", *_LIMIT_FIELDS])
-    return 0
-
-
 def _tenant_delete(args) -> int:
     if not args.yes:
         print(f"refusing to delete tenant {args.name!r} and all its adapters without --yes", file=sys.stderr)
@@ -298,7 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     tenant = subparsers.add_parser(
         "tenant",
-        help="create, list and delete tenants; rotate or revoke their API keys; quotas and rate limits",
+        help="create, list and delete tenants; rotate or revoke their API keys; quotas, rate and training limits",
         description="Manage tenants. API keys (psk_...) are printed once and stored only as a salted "
         "HMAC-SHA256 peppered with PREFIXSERVE_KEY_PEPPER (use the same pepper on every server).",
         epilog=_EPILOG,
@@ -320,21 +287,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = _add(tsub, "quota", _tenant_quota, plain, "change a tenant's quota")
     p.add_argument("name")
     _quota_args(p, defaults=False)
-    p = _add(
-        tsub,
-        "limits",
-        _tenant_limits,
-        plain,
-        "show or change a tenant's rate limits",
-        "Show a tenant's rate limits, change some of them (the others keep their values), or clear them "
-        "with --default so that the server's default limits apply. 0 = unlimited.",
-    )
-    p.add_argument("name")
-    p.add_argument("--requests-per-s", type=float, help="requests per second (token bucket refill)")
-    p.add_argument("--rows-per-s", type=float, help="input rows per second (token bucket refill)")
-    p.add_argument("--burst-s", type=float, help="seconds of each rate a bucket holds (short bursts pass)")
-    p.add_argument("--max-concurrent", type=int, help="classify calls in flight at once")
-    p.add_argument("--default", action="store_true", help="clear the limits: the server's default applies")
+    from . import limits_cli  # limits, training-limits
+
+    limits_cli.register(tsub, plain)
     p = _add(tsub, "delete", _tenant_delete, plain, "delete a tenant, its keys and all its adapters")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")

@@ -1,4 +1,4 @@
-"""The file store's tenants, API keys, quotas and rate limits (:mod:`.file` adds the adapters).
+"""The file store's tenants, API keys, quotas, rate and training limits (:mod:`.file` adds the adapters).
 
 Every change rewrites ``tenant.json`` atomically under the tenant's lock. Key files are written
 before the record that lists them and removed only after the record stops listing them, so a
@@ -19,13 +19,21 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import ConflictError, NotFoundError, PrefixServeError
-from .base import Quota, TenantInfo, check_limits, limits_from_dict
+from .base import (
+    Quota,
+    TenantInfo,
+    check_limits,
+    check_training_limits,
+    limits_from_dict,
+    training_limits_from_dict,
+)
 from .file_base import FileBase, read_json, remove_quietly, write_atomic, writes
 from .ids import check_tenant, safe_join
 from .keys import new_key, parse_api_key, verify
 
 if TYPE_CHECKING:
     from ..ratelimit import RateLimits
+    from .jobs import TrainingLimits
 
 _log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -46,6 +54,7 @@ class FileTenants(FileBase):
                 "name": name,
                 "quota": quota.__dict__,
                 "limits": None,
+                "training_limits": None,
                 "key_ids": [record["key_id"]],
                 "created": time.time(),
                 "version_base": self._floor(),  # numbers above any a deleted namesake used
@@ -71,6 +80,7 @@ class FileTenants(FileBase):
             tuple(rec["key_ids"]),
             rec["created"],
             limits_from_dict(rec.get("limits")),
+            training_limits_from_dict(rec.get("training_limits")),  # absent in records older than the field
         )
 
     def tenant_info(self, name: str) -> TenantInfo:
@@ -100,6 +110,12 @@ class FileTenants(FileBase):
         limits = check_limits(limits)
         stored = None if limits is None else limits.to_dict()
         self._update_tenant(name, lambda rec: rec.update(limits=stored))
+
+    @writes
+    def set_training_limits(self, name: str, limits: TrainingLimits | None) -> None:
+        limits = check_training_limits(limits)
+        stored = None if limits is None else limits.to_dict()
+        self._update_tenant(name, lambda rec: rec.update(training_limits=stored))
 
     def _remove_keys(self, key_ids: Iterable[str]) -> None:
         """Best effort: the tenant record no longer lists these ids, so a leftover file grants nothing."""

@@ -263,6 +263,20 @@ end
 return 1
 """
 
+# Set a tenant's training limits, or clear them (no ARGV: the server's default applies).
+# KEYS: t:<T>. ARGV: max_active_jobs, max_dataset_bytes, max_job_s, max_datasets (or none).
+# Returns 1, or 0 if there is no such tenant.
+SET_TRAINING_LIMITS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if #ARGV == 4 then
+  redis.call('HSET', KEYS[1], 'tl_max_active_jobs', ARGV[1], 'tl_max_dataset_bytes', ARGV[2], 'tl_max_job_s', ARGV[3],
+             'tl_max_datasets', ARGV[4])
+else
+  redis.call('HDEL', KEYS[1], 'tl_max_active_jobs', 'tl_max_dataset_bytes', 'tl_max_job_s', 'tl_max_datasets')
+end
+return 1
+"""
+
 # name -> source; RedisStore registers each once and runs it with EVALSHA afterwards
 SCRIPTS = {
     "reserve": RESERVE,
@@ -277,4 +291,5 @@ SCRIPTS = {
     "revoke_keys": REVOKE_KEYS,
     "set_quota": SET_QUOTA,
     "set_limits": SET_LIMITS,
+    "set_training_limits": SET_TRAINING_LIMITS,
 }

@@ -4,7 +4,8 @@ Keys (``P`` = key prefix, ``?prefix=`` or ``prefix=``, default ``ps:``; names pa
 so they never contain ``:``)::
 
     P tenants                 SET   tenant names (listed with SSCAN; ``KEYS`` is never used)
-    P t:<T>                   HASH  max_adapters, max_bytes, bytes (usage), created, vbase, rl_* limits
+    P t:<T>                   HASH  max_adapters, max_bytes, bytes (usage), created, vbase, rl_* rate limits,
+                                    tl_* training limits
     P tk:<T>                  SET   the tenant's key ids
     P k:<key id>              HASH  salted + peppered key hash -> tenant
     P a:<T>                   HASH  prefix id -> current VersionInfo JSON (the pointer + metadata)

@@ -1,7 +1,9 @@
-"""The Redis store's tenants, API keys, quotas and rate limits (:mod:`.redis_store` adds the adapters).
+"""The Redis store's tenants, API keys, quotas, rate and training limits (:mod:`.redis_store` adds the adapters).
 
 Rate limits live in the tenant's ``t:<T>`` hash as ``rl_requests_per_s``, ``rl_rows_per_s``,
-``rl_burst_s`` and ``rl_max_concurrent`` (all four or none; none = the server's default).
+``rl_burst_s`` and ``rl_max_concurrent``, training limits as ``tl_max_active_jobs``,
+``tl_max_dataset_bytes``, ``tl_max_job_s`` and ``tl_max_datasets`` (each set: all four or none; none =
+the server's default). One Lua script writes or clears a set, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -12,15 +14,24 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import ConflictError, NotFoundError
-from .base import Quota, TenantInfo, check_limits, limits_from_dict
+from .base import (
+    Quota,
+    TenantInfo,
+    check_limits,
+    check_training_limits,
+    limits_from_dict,
+    training_limits_from_dict,
+)
 from .ids import check_id, check_tenant
 from .keys import new_key, parse_api_key, verify
 from .redis_common import RedisBase, guard, text
 
 if TYPE_CHECKING:
     from ..ratelimit import RateLimits
+    from .jobs import TrainingLimits
 
 _LIMIT_FIELDS = ("requests_per_s", "rows_per_s", "burst_s", "max_concurrent")
+_TRAINING_FIELDS = ("max_active_jobs", "max_dataset_bytes", "max_job_s", "max_datasets")  # the script's order
 
 
 def _limits_of(rec: dict[str, str]) -> RateLimits | None:
@@ -29,6 +40,14 @@ def _limits_of(rec: dict[str, str]) -> RateLimits | None:
     values: dict = {name: float(rec[f"rl_{name}"]) for name in _LIMIT_FIELDS[:3]}
     values["max_concurrent"] = int(rec["rl_max_concurrent"])
     return limits_from_dict(values)
+
+
+def _training_limits_of(rec: dict[str, str]) -> TrainingLimits | None:
+    if "tl_max_active_jobs" not in rec:
+        return None
+    values: dict = {name: int(rec[f"tl_{name}"]) for name in _TRAINING_FIELDS if name != "max_job_s"}
+    values["max_job_s"] = float(rec["tl_max_job_s"])
+    return training_limits_from_dict(values)
 
 
 class RedisTenants(RedisBase):
@@ -98,6 +117,20 @@ class RedisTenants(RedisBase):
         if not self._scripts["set_limits"](keys=[self._k("t", check_tenant(name))], args=args):
             raise NotFoundError(f"tenant {name!r} not found")
 
+    @guard
+    def set_training_limits(self, name: str, limits: TrainingLimits | None) -> None:
+        limits = check_training_limits(limits)
+        args: builtins.list[str] = []
+        if limits is not None:  # the script's order (_TRAINING_FIELDS)
+            args = [
+                str(limits.max_active_jobs),
+                str(limits.max_dataset_bytes),
+                repr(float(limits.max_job_s)),
+                str(limits.max_datasets),
+            ]
+        if not self._scripts["set_training_limits"](keys=[self._k("t", check_tenant(name))], args=args):
+            raise NotFoundError(f"tenant {name!r} not found")
+
     def _tenant_infos(self, names: builtins.list[str]) -> builtins.list[TenantInfo]:
         pipe = self._r.pipeline(transaction=False)
         for name in names:
@@ -121,6 +154,7 @@ class RedisTenants(RedisBase):
                     tuple(sorted(text(k) for k in keys)),
                     float(rec.get("created", 0)),
                     _limits_of(rec),
+                    _training_limits_of(rec),
                 )
             )
         return out
