@@ -49,7 +49,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prefixserve.adapters.errors import PrefixServeError, as_error
-from prefixserve.adapters.store import JobError, JobRecord, TrainingLimits, TrainingStore
+from prefixserve.adapters.store import JobError, JobRecord, Store, TrainingLimits, TrainingStore
 
 from . import state
 from .schemas import AppSettings, TrainingLimitsIn, TrainingLimitsOut
@@ -121,7 +121,7 @@ class TrainingRoutes:
     """The training routes; ``Ingress`` inherits them (and calls :meth:`_init_training`)."""
 
     settings: "AppSettings"
-    store: Any  # the AdapterStore, which is also a TrainingStore
+    store: Store  # the Ingress's (both protocols: adapters and training)
 
     if TYPE_CHECKING:  # the Ingress's own
 
@@ -137,7 +137,7 @@ class TrainingRoutes:
     # ---- helpers ----------------------------------------------------------------------------------
     @property
     def jobs(self) -> TrainingStore:
-        return cast(TrainingStore, self.store)
+        return self.store
 
     async def training_tenant(self, request: Request) -> str:
         tenant = await self._tenant(request)  # 401/403 first: strangers do not learn whether training is on

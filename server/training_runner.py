@@ -35,10 +35,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
 from prefixserve.adapters.errors import FingerprintMismatchError, NotFoundError, PrefixServeError, as_error
-from prefixserve.adapters.store import AdapterStore, EpochRecord, JobError, JobRecord, TrainingStore
+from prefixserve.adapters.store import EpochRecord, JobError, JobRecord, Store, TrainingStore
 
 from .training_data import dataset_file
 from .training_schemas import DECISIONS, BaselineScores, Decision, EvalScores, JobResult, TrainingOptions
@@ -52,10 +52,6 @@ log = logging.getLogger("prefixserve.training")
 NAMESPACE = "prefixserve-training"  # the runners' Ray namespace (named, detached actors)
 POLL_S = 1.0  # the stop check reads the job record at most this often
 EVAL_BATCH = 64
-
-
-class JobStore(AdapterStore, TrainingStore, Protocol):
-    """What a runner uses: the job and dataset records, and ``get`` / ``put`` of the adapter it publishes."""
 
 
 def runner_name(job_id: str) -> str:
@@ -133,7 +129,7 @@ def run_job(spec: RunnerSpec) -> str:
 
     store = open_store(spec.store)
     try:
-        return JobRun(spec, cast(JobStore, store)).run()
+        return JobRun(spec, store).run()
     finally:
         store.close()
 
@@ -237,7 +233,7 @@ def evaluate(engine: Engine, data: bytes, key: str, examples: list[Example], lab
 class JobRun:
     """One job, start to end, against a store (``run_job`` opens it; tests pass their own)."""
 
-    def __init__(self, spec: RunnerSpec, store: JobStore, *, poll_s: float = POLL_S):
+    def __init__(self, spec: RunnerSpec, store: Store, *, poll_s: float = POLL_S):
         self.spec, self.store, self.poll_s = spec, store, poll_s
         self.tenant, self.job_id = spec.tenant, spec.job_id
 

@@ -10,13 +10,15 @@
 
 See :mod:`.base` for the semantics every backend keeps, and why serving replicas need only the
 ``AdapterReader`` side of the ``AdapterStore`` that ``open_store`` returns. Both backends also
-implement ``TrainingStore`` (training datasets and job records, :mod:`.jobs`).
+implement ``TrainingStore`` (training datasets and job records, :mod:`.jobs`): ``open_store`` returns a
+``Store``, both protocols in one.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BadRequestError
@@ -52,8 +54,14 @@ from .jobs import (
 
 ENV_URL = "PREFIXSERVE_STORE"
 
+
+class Store(AdapterStore, TrainingStore, Protocol):
+    """Every backend: the adapter side (:class:`AdapterStore`) and the training side (:class:`TrainingStore`)."""
+
+
 __all__ = [
     "open_store",
+    "Store",
     "AdapterReader",
     "AdapterStore",
     "VersionInfo",
@@ -85,7 +93,7 @@ __all__ = [
 ]
 
 
-def open_store(url: str | None = None, *, validator: Validator | None = None, **opts) -> AdapterStore:
+def open_store(url: str | None = None, *, validator: Validator | None = None, **opts) -> Store:
     """Open the store at ``url`` (default: env ``PREFIXSERVE_STORE``).
 
     ``validator(data) -> AdapterMeta`` runs before every put (default ``format.inspect_packed``; the
