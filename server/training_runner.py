@@ -280,7 +280,6 @@ class JobRun:
         import torch
 
         from prefixserve.adapters.backbone import load_backbone
-        from prefixserve.trainer.data import load_datasets
         from prefixserve.trainer.train import TrainHooks, TrainingStopped, train
 
         torch.set_num_threads(self.spec.torch_threads)
@@ -304,9 +303,9 @@ class JobRun:
             )
             self.update(epochs=cfg.epochs)
             res = train(cfg, backbone=backbone, hooks=TrainHooks(on_epoch=on_epoch, should_stop=stop))
-            _, eval_ds, labels = load_datasets(cfg)  # the same seeded split train() used
-        assert res.packed is not None and eval_ds is not None  # every job kind exports; every job has an eval split
-        new, baseline, problem = self.compare(backbone, res.packed, eval_ds.examples, labels, record.prefix_id)
+        assert res.packed is not None  # every job kind exports
+        labels = res.labels
+        new, baseline, problem = self.compare(backbone, res.packed, res.eval_examples, labels, record.prefix_id)
         decision = decide(new, baseline, force=options.force, problem=problem)
         version = None
         if DECISIONS[decision]:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from prefixserve.adapters.backbone import Backbone
 
+    from .data import Example
     from .model import AdapterModel, TokenizedRow
 
 
@@ -58,6 +59,7 @@ class TrainResult:
     best: dict[str, Any]  # the kept epoch's history record
     packed: bytes | None  # None: head only or fine-tuned backbone, nothing servable
     log: dict[str, Any] = field(repr=False, default_factory=dict)
+    eval_examples: list[Example] = field(repr=False, default_factory=list)  # the held-out rows each epoch scored
 
 
 @dataclass(frozen=True)
@@ -321,4 +323,4 @@ def train(cfg: TrainConfig, backbone: Backbone | None = None, hooks: TrainHooks 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(packed)
         Path(str(out) + ".log.json").write_text(json.dumps(log, indent=2, ensure_ascii=False, default=str))
-    return TrainResult(model, labels, history, best_record, packed, log)
+    return TrainResult(model, labels, history, best_record, packed, log, eval_ds.examples if eval_ds else [])
