@@ -249,30 +249,16 @@ redis.call('HSET', KEYS[1], 'max_adapters', ARGV[1], 'max_bytes', ARGV[2])
 return 1
 """
 
-# Set a tenant's rate limits, or clear them (no ARGV: the server's default applies).
-# KEYS: t:<T>. ARGV: requests_per_s, rows_per_s, burst_s, max_concurrent (or none).
-# Returns 1, or 0 if there is no such tenant.
-SET_LIMITS = """
+# Set or clear one group of a tenant's limits (rate limits ``rl_*``, training limits ``tl_*``): all its fields
+# or none (none: the server's default applies). KEYS: t:<T>. ARGV: the field names, then (to set) their values
+# in the same order. Returns 1, or 0 if there is no such tenant.
+SET_LIMIT_FIELDS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if #ARGV == 4 then
-  redis.call('HSET', KEYS[1], 'rl_requests_per_s', ARGV[1], 'rl_rows_per_s', ARGV[2], 'rl_burst_s', ARGV[3],
-             'rl_max_concurrent', ARGV[4])
+local n = tonumber(ARGV[1])
+if #ARGV == 1 + 2 * n then
+  for i = 2, n + 1 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + n]) end
 else
-  redis.call('HDEL', KEYS[1], 'rl_requests_per_s', 'rl_rows_per_s', 'rl_burst_s', 'rl_max_concurrent')
-end
-return 1
-"""
-
-# Set a tenant's training limits, or clear them (no ARGV: the server's default applies).
-# KEYS: t:<T>. ARGV: max_active_jobs, max_dataset_bytes, max_job_s, max_datasets (or none).
-# Returns 1, or 0 if there is no such tenant.
-SET_TRAINING_LIMITS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if #ARGV == 4 then
-  redis.call('HSET', KEYS[1], 'tl_max_active_jobs', ARGV[1], 'tl_max_dataset_bytes', ARGV[2], 'tl_max_job_s', ARGV[3],
-             'tl_max_datasets', ARGV[4])
-else
-  redis.call('HDEL', KEYS[1], 'tl_max_active_jobs', 'tl_max_dataset_bytes', 'tl_max_job_s', 'tl_max_datasets')
+  for i = 2, n + 1 do redis.call('HDEL', KEYS[1], ARGV[i]) end
 end
 return 1
 """
@@ -290,6 +276,5 @@ SCRIPTS = {
     "issue_key": ISSUE_KEY,
     "revoke_keys": REVOKE_KEYS,
     "set_quota": SET_QUOTA,
-    "set_limits": SET_LIMITS,
-    "set_training_limits": SET_TRAINING_LIMITS,
+    "set_limit_fields": SET_LIMIT_FIELDS,
 }

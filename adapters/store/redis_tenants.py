@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .jobs import TrainingLimits
 
 _LIMIT_FIELDS = ("requests_per_s", "rows_per_s", "burst_s", "max_concurrent")
-_TRAINING_FIELDS = ("max_active_jobs", "max_dataset_bytes", "max_job_s", "max_datasets")  # the script's order
+_TRAINING_FIELDS = ("max_active_jobs", "max_dataset_bytes", "max_job_s", "max_datasets")
 
 
 def _limits_of(rec: dict[str, str]) -> RateLimits | None:
@@ -108,28 +108,32 @@ class RedisTenants(RedisBase):
         if not done:
             raise NotFoundError(f"tenant {name!r} not found")
 
+    def _set_limit_fields(self, name: str, fields: builtins.list[str], values: builtins.list[str] | None) -> None:
+        """Write (``values``) or clear (None) one group of the tenant's limit fields in one atomic step."""
+        args = [str(len(fields)), *fields, *(values or [])]
+        if not self._scripts["set_limit_fields"](keys=[self._k("t", check_tenant(name))], args=args):
+            raise NotFoundError(f"tenant {name!r} not found")
+
     @guard
     def set_limits(self, name: str, limits: RateLimits | None) -> None:
         limits = check_limits(limits)
-        args = [] if limits is None else [repr(float(getattr(limits, f))) for f in _LIMIT_FIELDS[:3]]
+        values = None
         if limits is not None:
-            args.append(str(int(limits.max_concurrent)))
-        if not self._scripts["set_limits"](keys=[self._k("t", check_tenant(name))], args=args):
-            raise NotFoundError(f"tenant {name!r} not found")
+            values = [repr(float(getattr(limits, f))) for f in _LIMIT_FIELDS[:3]] + [str(int(limits.max_concurrent))]
+        self._set_limit_fields(name, [f"rl_{f}" for f in _LIMIT_FIELDS], values)
 
     @guard
     def set_training_limits(self, name: str, limits: TrainingLimits | None) -> None:
         limits = check_training_limits(limits)
-        args: builtins.list[str] = []
-        if limits is not None:  # the script's order (_TRAINING_FIELDS)
-            args = [
+        values = None
+        if limits is not None:  # in _TRAINING_FIELDS order
+            values = [
                 str(limits.max_active_jobs),
                 str(limits.max_dataset_bytes),
                 repr(float(limits.max_job_s)),
                 str(limits.max_datasets),
             ]
-        if not self._scripts["set_training_limits"](keys=[self._k("t", check_tenant(name))], args=args):
-            raise NotFoundError(f"tenant {name!r} not found")
+        self._set_limit_fields(name, [f"tl_{f}" for f in _TRAINING_FIELDS], values)
 
     def _tenant_infos(self, names: builtins.list[str]) -> builtins.list[TenantInfo]:
         pipe = self._r.pipeline(transaction=False)
