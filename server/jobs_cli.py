@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any
 
-from .training_schemas import TrainingOptions
+from .training_schemas import DatasetFormat, TrainingOptions
 
 EXIT_JOB_FAILED = 3
 _EPILOG = (
@@ -275,7 +275,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", metavar="DATA", help="a local .tsv (NSMC) / .csv / .jsonl file, or a dataset id ds_...")
     p.add_argument("--prefix-id", required=True, help="publish the trained adapter as a new version of this id")
-    p.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="DATA's format (default: from its extension)")
+    p.add_argument(
+        "--format", choices=typing.get_args(DatasetFormat), help="DATA's format (default: from its extension)"
+    )
     p.add_argument("--watch", action="store_true", help="then follow it as `job watch` does")
     _option_flags(p)
     add(
@@ -310,7 +312,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "usable rows and bad rows by reason; a file with no usable row is refused.",
     )
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--format", choices=["tsv", "csv", "jsonl"], help="default: from the extension")
+    p.add_argument("--format", choices=typing.get_args(DatasetFormat), help="default: from the extension")
     p.add_argument("--name", default=None, help="a name to list it by (default: the file's name)")
     p.add_argument("--text-column", default=None, help="CSV/JSONL text column (default: document | text | sentence)")
     p.add_argument("--label-column", default=None, help="CSV/JSONL label column (default: label | category)")

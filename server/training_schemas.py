@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefixserve.adapters.store import EpochRecord, JobError, TrainingLimits
-from prefixserve.trainer.config import DataFormat, TrainConfig
+from prefixserve.trainer.config import AdapterKind, DataFormat, TrainConfig
 
 if TYPE_CHECKING:
     from prefixserve.adapters.store import DatasetInfo, JobRecord
@@ -35,8 +35,8 @@ MiB = 2**20
 MAX_EPOCHS = 50
 MAX_LABELS = 256
 AUTO_GPU_FRACTION = 0.25  # a job's GPU share when the cluster has GPUs and num_gpus is unset
-Kind = Literal["prefix", "prompt", "lora", "ia3", "bottleneck"]
-DatasetFormat = Literal["tsv", "csv", "jsonl"]
+Kind = AdapterKind  # the trainer's: one list of kinds and formats
+DatasetFormat = DataFormat
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Decision = Literal["first_version", "better", "forced", "not_better", "labels_differ", "baseline_unusable"]
 DECISIONS: dict[str, bool] = {  # decision -> published
